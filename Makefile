@@ -1,0 +1,55 @@
+# charlstm: `make train` and `make test` do all the set-up on a fresh machine (they bootstrap .venv).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+# Installed first, and only when the environment has no torch yet, so a CUDA build already there is kept.
+# CPU-only elsewhere: make install TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
+PIP := $(PY) -m pip --disable-pip-version-check
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train generate test lint format tensorboard sweep bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  extra arguments: make train ARGS='model.units=128 trainer.max_epochs=3'"
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev]"
+	@touch $@
+
+install: $(VENV)/.installed ## create .venv and install charlstm with its dev tools
+
+train: install ## train the default model on Macbeth (CPU, about 10 minutes)
+	$(PY) train.py $(ARGS)
+
+generate: install ## generate text from the newest run's last.ckpt
+	$(PY) generate.py ckpt=last $(ARGS)
+
+test: install ## run the test suite
+	$(PY) -m pytest -q $(ARGS)
+
+lint: install ## ruff lint and format check
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: install ## ruff fix and format
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+tensorboard: install ## TensorBoard over every run and sweep job under outputs/
+	$(BIN)/tensorboard --logdir outputs
+
+sweep: install ## a small sweep: units x seq_len, one folder per job under outputs/multirun/
+	$(PY) train.py -m model.units=64,128 data.seq_len=50,100 $(ARGS)
+
+bench: install ## the README's performance and quality tables (see benchmarks/)
+	$(PIP) install -q -e ".[dev,bench]"
+	$(PY) benchmarks/train_bench.py $(ARGS)
+	$(PY) benchmarks/generate_speed.py
+
+clean: ## remove runs, cached corpora and caches (keeps .venv)
+	rm -rf outputs/2* outputs/multirun data/*.txt data/downloads .pytest_cache .ruff_cache

