@@ -208,7 +208,9 @@ class CharDataModule(pl.LightningDataModule):
         )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset(), batch_size=self.val_batch_size, shuffle=False, collate_fn=_as_batch)
+        return DataLoader(
+            self.val_dataset(), batch_size=self.val_batch_size, shuffle=False, collate_fn=_as_batch
+        )
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         x, y = batch

@@ -36,7 +36,9 @@ class CharLSTM(nn.Module):
     ) -> None:
         super().__init__()
         if encoding not in ENCODINGS:
-            raise ConfigError(f"model.encoding={encoding!r} is not allowed; use one of {', '.join(ENCODINGS)}")
+            raise ConfigError(
+                f"model.encoding={encoding!r} is not allowed; use one of {', '.join(ENCODINGS)}"
+            )
         self.vocab_size, self.units, self.layers, self.encoding = vocab_size, units, layers, encoding
         self.embed = nn.Embedding(vocab_size, embed_dim) if encoding == "embedding" else None
         input_size = {"normalized": 1, "onehot": vocab_size, "embedding": embed_dim}[encoding]
@@ -90,7 +92,9 @@ class CharLSTMModule(pl.LightningModule):
         if optimizer not in ("adam", "adamw"):
             raise ConfigError(f"model.optimizer={optimizer!r} is not allowed; use 'adam' or 'adamw'")
         if scheduler not in ("none", "plateau", "cosine"):
-            raise ConfigError(f"model.scheduler={scheduler!r} is not allowed; use 'none', 'plateau' or 'cosine'")
+            raise ConfigError(
+                f"model.scheduler={scheduler!r} is not allowed; use 'none', 'plateau' or 'cosine'"
+            )
         if layout not in LAYOUTS:
             raise ConfigError(f"layout={layout!r} is not allowed; use 'windows' or 'streams'")
         self.save_hyperparameters()
@@ -164,18 +168,26 @@ class CharLSTMModule(pl.LightningModule):
         decay, no_decay = [], []
         for name, p in self.net.named_parameters():
             (no_decay if name.endswith("bias") or name.startswith("embed") else decay).append(p)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "weight_decay": hp.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
         opt_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
         opt = opt_cls(groups, lr=hp.lr)
         if hp.scheduler == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt, mode="min", factor=hp.plateau_factor, patience=hp.plateau_patience
             )
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss", "interval": "epoch"}}
+            return {
+                "optimizer": opt,
+                "lr_scheduler": {"scheduler": sched, "monitor": "val/loss", "interval": "epoch"},
+            }
         if hp.scheduler == "cosine" or hp.warmup_steps > 0:
             total = max(1, int(self.trainer.estimated_stepping_batches))
             warmup, floor, cosine = hp.warmup_steps, hp.min_lr_ratio, hp.scheduler == "cosine"
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warmup, floor, cosine))
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda step: lr_factor(step, total, warmup, floor, cosine)
+            )
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return opt
 
@@ -183,7 +195,9 @@ class CharLSTMModule(pl.LightningModule):
         # Makes the HParams tab of TensorBoard compare runs by their best validation bits/char.
         from pytorch_lightning.loggers import TensorBoardLogger
 
-        params = {k: v for k, v in self.hparams.items() if k != "vocab"} | {"vocab_size": len(self.hparams.vocab)}
+        params = {k: v for k, v in self.hparams.items() if k != "vocab"} | {
+            "vocab_size": len(self.hparams.vocab)
+        }
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger) and torch.isfinite(self.best_val_loss):
                 logger.log_hyperparams(params, {"hp/val_bpc_best": float(self.best_val_loss / LN2)})

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from charlstm.data import (
+    CharDataModule,
+    StreamDataset,
+    WindowDataset,
+    encode_inputs,
+    split_ids,
+)
+from charlstm.errors import CorpusError
+
+IDS = torch.arange(20, dtype=torch.uint8)
+
+
+def test_windows_last_target_is_next_char():
+    ds = WindowDataset(IDS, seq_len=5, stride=1, targets="last")
+    assert len(ds) == 15  # starts 0..14: the window 14..18 predicts 19
+    x, y = ds.__getitems__([0, 3, 14])
+    assert x.dtype == torch.long and x.shape == (3, 5) and y.shape == (3,)
+    assert x[1].tolist() == [3, 4, 5, 6, 7] and y[1].item() == 8
+    assert x[2].tolist() == [14, 15, 16, 17, 18] and y[2].item() == 19
+    x0, y0 = ds[0]
+    assert x0.tolist() == [0, 1, 2, 3, 4] and y0.item() == 5
+    with pytest.raises(IndexError):
+        ds[15]
+
+
+def test_windows_all_targets_are_shifted_window():
+    ds = WindowDataset(IDS, seq_len=4, targets="all")
+    x, y = ds.__getitems__([2])
+    assert x[0].tolist() == [2, 3, 4, 5]
+    assert y[0].tolist() == [3, 4, 5, 6]
+
+
+def test_windows_stride():
+    ds = WindowDataset(IDS, seq_len=5, stride=3, targets="last")
+    assert len(ds) == 5  # starts 0, 3, 6, 9, 12 (12..16 -> 17); 15 would need char 20
+    x, y = ds.__getitems__(list(range(len(ds))))
+    assert x[:, 0].tolist() == [0, 3, 6, 9, 12]
+    assert y.tolist() == [5, 8, 11, 14, 17]
+
+
+def test_windows_share_memory_with_the_corpus():
+    ds = WindowDataset(IDS, seq_len=5)
+    assert ds.ids.data_ptr() == IDS.data_ptr()  # no N x seq_len copy is made
+
+
+def test_split_is_contiguous_and_no_window_crosses_it():
+    train, val = split_ids(IDS, val_fraction=0.3, seq_len=5)
+    assert train.tolist() == list(range(14)) and val.tolist() == list(range(14, 20))
+    tx, ty = WindowDataset(train, 5).__getitems__(list(range(len(WindowDataset(train, 5)))))
+    assert int(tx.max()) <= 13 and int(ty.max()) == 13  # training never sees a validation char
+    vx, vy = WindowDataset(val, 5).__getitems__([0])
+    assert vx[0].tolist() == [14, 15, 16, 17, 18] and vy.item() == 19
+
+
+def test_split_too_short_is_a_clear_error():
+    with pytest.raises(CorpusError, match=r"too short .*seq_len\+1=11"):
+        split_ids(IDS, val_fraction=0.1, seq_len=10)
+
+
+def test_streams_layout_and_order():
+    ds = StreamDataset(IDS, batch_size=3, seq_len=2)
+    # (20 - 1) // 3 = 6 chars per stream: stream b holds chars 6b .. 6b+5, targets one ahead
+    batches = list(ds)
+    assert len(batches) == len(ds) == 3
+    x0, y0 = batches[0]
+    assert x0.tolist() == [[0, 1], [6, 7], [12, 13]]
+    assert y0.tolist() == [[1, 2], [7, 8], [13, 14]]
+    x1, _ = batches[1]
+    assert x1[:, 0].tolist() == [2, 8, 14]  # each row continues where it stopped
+
+
+def test_encodings_shapes_and_values():
+    ids = torch.tensor([[0, 1, 3]])
+    norm = encode_inputs(ids, "normalized", 4)
+    assert norm.shape == (1, 3, 1) and norm.dtype == torch.float32
+    assert norm.flatten().tolist() == [0.0, 0.25, 0.75]  # id / vocab_size, the tutorial's input
+    onehot = encode_inputs(ids, "onehot", 4)
+    assert onehot.shape == (1, 3, 4) and onehot[0, 2].tolist() == [0, 0, 0, 1]
+    emb = encode_inputs(ids, "embedding", 4)
+    assert emb.dtype == torch.long and emb.tolist() == ids.tolist()
+
+
+@pytest.mark.parametrize("encoding", ["normalized", "onehot", "embedding"])
+@pytest.mark.parametrize("layout,targets", [("windows", "last"), ("windows", "all"), ("streams", "all")])
+def test_datamodule_batches(tmp_path, text_file, encoding, layout, targets):
+    path = text_file("When shall we three meet again\nIn thunder, lightning, or in rain?\n" * 20)
+    dm = CharDataModule(source="file", path=str(path), data_dir=str(tmp_path), seq_len=10, layout=layout,
+                        targets=targets, encoding=encoding, batch_size=4)  # fmt: skip
+    dm.setup("fit")
+    v = len(dm.vocab)
+    x, y = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    feat = {"normalized": (1,), "onehot": (v,), "embedding": ()}[encoding]
+    assert x.shape == (4, 10, *feat)
+    assert y.shape == ((4,) if layout == "windows" and targets == "last" else (4, 10))
+    vx, vy = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    assert vy.dim() == 1 and vx.shape[1] == 10
+    if encoding == "normalized":
+        assert float(x.max()) < 1.0 and float(x.min()) >= 0.0
+
+
+def test_datamodule_lowercases_and_counts_validation(tmp_path, text_file):
+    path = text_file("ABCDEFGHIJ" * 10)
+    dm = CharDataModule(source="file", path=str(path), data_dir=str(tmp_path), seq_len=5, val_fraction=0.2)
+    dm.setup("fit")
+    assert dm.vocab.chars == list("abcdefghij")
+    assert len(dm.train_ids) == 80 and len(dm.val_ids) == 20
+    assert len(dm.val_dataset()) == 15  # every val char after the first seq_len is predicted once
+    dm2 = CharDataModule(source="file", path=str(path), data_dir=str(tmp_path), seq_len=5, val_fraction=0.2,
+                         val_max_windows=4)  # fmt: skip
+    dm2.setup("fit")
+    assert len(dm2.val_dataset()) == 4
