@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -12,6 +14,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 class CharLSTMError(Exception):
     """A user-facing error; its message is one line printed by the entry points."""
+
+    prefix = "error"
+    exit_code = 1
 
 
 class ConfigError(CharLSTMError):
@@ -34,15 +39,48 @@ class DivergenceError(CharLSTMError):
     """Training produced a non-finite loss."""
 
 
+class TrainingInterrupted(CharLSTMError):
+    """Ctrl-C or SIGTERM stopped training; the message says what was saved and how to resume.
+
+    The exit status is the shell's convention for a signal, 128 + its number: 130 for Ctrl-C (SIGINT),
+    143 for SIGTERM, so schedulers and scripts see an unfinished run.
+    """
+
+    prefix = "interrupted"
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+
+
+def process_rank() -> int:
+    """This process's rank in a multi-process run (0 when alone), from the variables the launchers set."""
+    for var in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def exit_on_error(fn: F) -> F:
-    """Turn a CharLSTMError into one line on stderr and exit status 1 (for entry points)."""
+    """Turn a CharLSTMError into one line on stderr and a non-zero exit status (for entry points).
+
+    In a multi-process run every rank exits with the same status; an interruption is reported by rank 0
+    only (all ranks stop together), any other error by the rank that saw it, prefixed with its number.
+    """
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except CharLSTMError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(1)
+            rank = process_rank()
+            line = " ".join(str(err).split("\n"))
+            if rank == 0:
+                print(f"{err.prefix}: {line}", file=sys.stderr, flush=True)
+            elif not isinstance(err, TrainingInterrupted):
+                print(f"{err.prefix} (rank {rank}): {line}", file=sys.stderr, flush=True)
+            sys.exit(err.exit_code)
 
     return wrapper  # type: ignore[return-value]
