@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from charlstm.corpus import load_text
+from charlstm.corpus import load_text, play_names, play_text
 from charlstm.errors import ConfigError, CorpusError
 from charlstm.vocab import CharVocab
 
@@ -137,10 +137,12 @@ class CharDataModule(pl.LightningDataModule):
         encoding: str = "normalized",
         val_fraction: float = 0.1,
         val_max_windows: int | None = None,
+        val_context: int | None = None,
         batch_size: int = 30,
         val_batch_size: int = 1024,
         num_workers: int = 0,
         vocab: list[str] | None = None,
+        extra_plays: str | list[str] | None = None,
     ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
@@ -152,8 +154,10 @@ class CharDataModule(pl.LightningDataModule):
         self.lowercase, self.max_chars = lowercase, max_chars
         self.seq_len, self.stride, self.layout, self.targets = seq_len, stride, layout, targets
         self.encoding, self.val_fraction, self.val_max_windows = encoding, val_fraction, val_max_windows
+        self.val_context = val_context or seq_len
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self._fixed_vocab = vocab
+        self.extra_plays = extra_plays
         self.vocab: CharVocab | None = None
         self.train_ids: torch.Tensor | None = None
         self.val_ids: torch.Tensor | None = None
@@ -169,12 +173,27 @@ class CharDataModule(pl.LightningDataModule):
             text = text[: self.max_chars]
         if not text:
             raise CorpusError("the corpus is empty; choose a text with characters in it")
-        vocab = CharVocab(self._fixed_vocab) if self._fixed_vocab else CharVocab.from_text(text)
+        extra = self._extra_text()
+        vocab = CharVocab(self._fixed_vocab) if self._fixed_vocab else CharVocab.from_text(extra + text)
         ids = vocab.encode(text, dtype=vocab.id_dtype)
         del text
-        self.train_ids, self.val_ids = split_ids(ids, self.val_fraction, self.seq_len)
+        train, self.val_ids = split_ids(ids, self.val_fraction, max(self.seq_len, self.val_context))
+        if extra:
+            # More training text only: the validation split stays the main corpus's own tail.
+            train = torch.cat([vocab.encode(extra, dtype=vocab.id_dtype), train])
+        self.train_ids = train
         self.vocab = vocab
         return vocab
+
+    def _extra_text(self) -> str:
+        """The other plays of the corpus package, when ``extra_plays`` asks for them ('' otherwise)."""
+        if not self.extra_plays:
+            return ""
+        names = play_names() if self.extra_plays == "all" else list(self.extra_plays)
+        main = self.corpus_args["play"] if self.corpus_args["source"] == "play" else None
+        texts = [play_text(n, self.corpus_args["data_dir"]) for n in names if n != main]
+        extra = "\n\n".join(texts)
+        return extra.lower() if self.lowercase else extra
 
     def setup(self, stage: str | None = None) -> None:
         self.load()
@@ -191,11 +210,15 @@ class CharDataModule(pl.LightningDataModule):
         return WindowDataset(self.train_ids, self.seq_len, self.stride, self.targets)
 
     def val_dataset(self) -> WindowDataset:
-        """Every validation char predicted from the ``seq_len`` chars before it (or an even subsample)."""
+        """Every validation char predicted from the ``val_context`` chars before it (or an even subsample).
+
+        The context defaults to ``seq_len``; recipes set it to 50 (the tutorial's window) so that their
+        val/bpc compare like for like whatever they train on.
+        """
         self.load()
-        n = len(self.val_ids) - self.seq_len
+        n = len(self.val_ids) - self.val_context
         stride = 1 if not self.val_max_windows else max(1, math.ceil(n / self.val_max_windows))
-        return WindowDataset(self.val_ids, self.seq_len, stride, "last")
+        return WindowDataset(self.val_ids, self.val_context, stride, "last")
 
     def train_dataloader(self) -> DataLoader:
         ds = self.train_dataset()
@@ -208,9 +231,7 @@ class CharDataModule(pl.LightningDataModule):
         )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.val_dataset(), batch_size=self.val_batch_size, shuffle=False, collate_fn=_as_batch
-        )
+        return DataLoader(self.val_dataset(), batch_size=self.val_batch_size, shuffle=False, collate_fn=_as_batch)
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         x, y = batch

@@ -1,0 +1,378 @@
+"""Training benchmarks behind the README's tables: Lightning overhead, achieved GFLOP/s, bits/char against
+training time for the tutorial and the default recipe (table + PNG), and peak memory against corpus size.
+
+    python benchmarks/train_bench.py                       # everything (see README for the time it takes)
+    python benchmarks/train_bench.py --only overhead,flops --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from charlstm.data import encode_inputs
+from charlstm.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TUTORIAL = ["experiment=seed"]
+DEFAULT: list[str] = []
+QUIET = ["callbacks.rich_progress_bar=null", "trainer.enable_model_summary=false", "sample.length=0"]
+
+
+def config(overrides: list[str], out: Path) -> DictConfig:
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        cfg = compose("train", overrides=[*overrides, *QUIET])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.paths.data_dir = str(ROOT / "data")
+    return cfg
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads, "
+        f"{torch.backends.cpu.get_cpu_capability()}), pytorch-lightning {pl.__version__}, Python {platform.python_version()}"
+    )
+
+
+# --------------------------------------------------------------------------------------------- 1. overhead
+class _StepTimer(pl.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end, self.steps = warmup, None, None, 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch_idx >= self.warmup:
+            self.end, self.steps = time.perf_counter(), batch_idx - self.warmup + 1
+
+
+def lightning_steps(cfg: DictConfig, module: pl.LightningModule, datamodule, steps: int, warmup: int) -> float:
+    """Seconds per step of the project's training (its trainer, callbacks and TensorBoard logger)."""
+    timer = _StepTimer(warmup)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
+    callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.Checkpoint)]  # no saving mid-timing
+    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
+    trainer = instantiate(cfg.trainer, max_steps=steps + warmup, limit_val_batches=0, callbacks=[*callbacks, timer],
+                          logger=loggers, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    return (timer.end - timer.start) / timer.steps
+
+
+def plain_steps(module: pl.LightningModule, datamodule, steps: int, warmup: int) -> float:
+    """Seconds per step of a plain PyTorch loop over the same model, batches, loss and optimizer."""
+    net, hp, vocab_size = module.net, module.hparams, len(module.hparams.vocab)
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=hp.lr)
+    state = None
+    start = None
+    for i, (x, y) in enumerate(datamodule.train_dataloader()):
+        if i == warmup:
+            start = time.perf_counter()
+        x = encode_inputs(x, hp.encoding, vocab_size)
+        logits, s = net(x, state if hp.layout == "streams" else None, last_only=y.dim() == 1)
+        if hp.layout == "streams":
+            state = (s[0].detach(), s[1].detach())
+        loss = F.cross_entropy(logits.reshape(-1, vocab_size), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i + 1 == steps + warmup:
+            break
+    return (time.perf_counter() - start) / steps
+
+
+def bench_overhead(steps: int, rounds: int, tmp: Path) -> dict:
+    cfg = config(TUTORIAL, tmp / "overhead")
+    datamodule = instantiate(cfg.data)
+    vocab = datamodule.load()
+    base = instantiate(cfg.model, _convert_="all", vocab=vocab.to_list(), seq_len=cfg.data.seq_len,
+                       layout=cfg.data.layout)  # fmt: skip
+    warmup = 5
+    light, plain = [], []
+    for _ in range(rounds):  # alternated, so drifts in machine load hit both
+        light.append(lightning_steps(cfg, copy.deepcopy(base), datamodule, steps, warmup))
+        plain.append(plain_steps(copy.deepcopy(base), datamodule, steps, warmup))
+    lm, pm = statistics.median(light), statistics.median(plain)
+    return {"lightning_ms": lm * 1e3, "plain_ms": pm * 1e3, "ratio": lm / pm, "rounds": rounds, "steps": steps,
+            "lightning_all_ms": [round(x * 1e3, 2) for x in light], "plain_all_ms": [round(x * 1e3, 2) for x in plain]}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- 2. GFLOP/s
+def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def step_flops(hp, batch: int, seq_len: int, last_only: bool) -> float:
+    """FLOPs of one training step: LSTM gate matmuls + head, backward counted as twice the forward."""
+    vocab = len(hp.vocab)
+    inp = {"normalized": 1, "onehot": vocab, "embedding": hp.embed_dim}[hp.encoding]
+    lstm = sum(2 * 4 * hp.units * ((inp if i == 0 else hp.units) + hp.units) for i in range(hp.layers))
+    head = 2 * hp.units * vocab * (1 if last_only else seq_len)
+    return 3 * batch * (lstm * seq_len + head)
+
+
+def bench_flops(recipe: list[str], steps: int, tmp: Path) -> dict:
+    cfg = config(recipe, tmp / "flops")
+    datamodule = instantiate(cfg.data)
+    vocab = datamodule.load()
+    module = instantiate(cfg.model, _convert_="all", vocab=vocab.to_list(), seq_len=cfg.data.seq_len,
+                         layout=cfg.data.layout)  # fmt: skip
+    last_only = cfg.data.layout == "windows" and cfg.data.targets == "last"
+    flops = step_flops(module.hparams, cfg.data.batch_size, cfg.data.seq_len, last_only)
+    result = {}
+    for name, enabled in (("onednn", True), ("native", False)):
+        with torch.backends.mkldnn.flags(enabled=enabled):
+            sec = plain_steps(copy.deepcopy(module), datamodule, steps, 3)
+        result[name] = {"ms": sec * 1e3, "gflops": flops / sec / 1e9}
+    return result
+
+
+# ------------------------------------------------------------------------------------- 3. bpc against time
+class _Curve(pl.Callback):
+    """(training seconds, val/bpc) at each validation; time spent validating is not counted as training."""
+
+    def __init__(self):
+        self.points: list[tuple[float, int, float]] = []
+        self.train_time, self._t = 0.0, None
+
+    def on_train_batch_start(self, *args):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, *args):
+        self.train_time += time.perf_counter() - self._t
+
+    def on_validation_end(self, trainer, module):
+        if not trainer.sanity_checking and "val/bpc" in trainer.callback_metrics:
+            self.points.append((self.train_time, trainer.global_step, float(trainer.callback_metrics["val/bpc"])))
+
+
+def bench_curve(name: str, recipe: list[str], budget_s: float, tmp: Path, val_windows: int) -> dict:
+    extra = [f"trainer.max_time={{seconds: {int(budget_s)}}}", "trainer.max_epochs=-1",
+             f"data.val_max_windows={val_windows}", "callbacks.early_stopping=null"]  # fmt: skip
+    cfg = config([*recipe, *extra], tmp / f"curve-{name}")
+    curve = _Curve()
+    from charlstm import train as train_mod
+
+    original = train_mod.instantiate_named
+
+    def with_curve(group):
+        built = original(group)
+        return [*built, curve] if group is cfg.get("callbacks") else built
+
+    train_mod.instantiate_named = with_curve
+    try:
+        metrics, objects = train(cfg)
+    finally:
+        train_mod.instantiate_named = original
+    # the whole validation split, every char, for the best checkpoint of the run
+    best = objects["trainer"].checkpoint_callback.best_model_path
+    full = full_val_bpc(cfg, best, objects["datamodule"])
+    return {"points": curve.points, "full_val_bpc_best_ckpt": full, "best_ckpt": best}
+
+
+def full_val_bpc(cfg: DictConfig, ckpt: str, datamodule) -> float:
+    datamodule.val_max_windows = None
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    from charlstm.model import CharLSTMModule
+
+    ckpt_data = torch.load(ckpt, map_location="cpu", weights_only=True)
+    module = CharLSTMModule(**ckpt_data["hyper_parameters"])
+    module.load_state_dict(ckpt_data["state_dict"])
+    return trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/bpc"]
+
+
+# -------------------------------------------------------------------------------------------- 4. memory
+MEMORY_CHILD = r"""
+import sys, numpy as np, torch
+from pathlib import Path
+sys.argv = sys.argv[:1]
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+from charlstm.train import train
+root, corpus, layout, out = Path(ARGS[0]), ARGS[1], ARGS[2], ARGS[3]
+with initialize_config_dir(version_base="1.3", config_dir=str(root / "configs")):
+    cfg = compose("train", overrides=["experiment=seed", "data=file", f"data.path={corpus}", f"data.layout={layout}",
+        "model.units=32", "trainer.max_epochs=1", "trainer.limit_train_batches=20", "trainer.limit_val_batches=2",
+        "logger=none", "callbacks=none", "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", "sample.length=0"])
+with open_dict(cfg):
+    cfg.paths.output_dir = out
+train(cfg)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print("PEAK_KB", hwm)
+"""
+
+
+def synthetic_corpus(path: Path, size: int) -> None:
+    """Random 'words' over a 60-char alphabet, written in chunks: a corpus of ``size`` bytes."""
+    rng = torch.Generator().manual_seed(0)
+    alphabet = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\n"), dtype=torch.uint8)
+    with open(path, "wb") as fh:
+        left = size
+        while left:
+            n = min(left, 1 << 24)
+            fh.write(alphabet[torch.randint(len(alphabet), (n,), generator=rng)].numpy().tobytes())
+            left -= n
+
+
+def bench_memory(sizes_mb: list[int], tmp: Path) -> list[dict]:
+    rows = []
+    for mb in sizes_mb:
+        corpus = tmp / f"synthetic-{mb}mb.txt"
+        synthetic_corpus(corpus, mb * 1_000_000)
+        for layout in ("windows", "streams"):
+            code = MEMORY_CHILD.replace("ARGS", repr([str(ROOT), str(corpus), layout, str(tmp / f"mem-{mb}-{layout}")]))
+            t = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEAK_KB")]
+            if proc.returncode != 0 or not line:
+                raise RuntimeError(f"memory run failed for {mb} MB ({layout}):\n{proc.stderr[-2000:]}")
+            rows.append({"corpus_mb": mb, "layout": layout, "peak_rss_mb": int(line[0].split()[1]) / 1024,
+                         "seconds": time.perf_counter() - t})  # fmt: skip
+        corpus.unlink()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- report
+def plot(curves: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'); no plot written", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, res in curves.items():
+        pts = res["points"]
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", markersize=3, label=name)
+    ax.set_xlabel("training time (s), validation excluded")
+    ax.set_ylabel("validation bits/char (50-char context)")
+    ax.set_title("Macbeth: validation bits/char against training time")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def markdown(results: dict) -> str:
+    out = [f"Machine: {results['machine']}", ""]
+    if "overhead" in results:
+        o = results["overhead"]
+        out += ["### Lightning overhead (tutorial recipe: batch 30, seq_len 50, 2 x 300, normalized input)", "",
+                "| loop | ms/step (median) |", "|---|---|",
+                f"| charlstm (Lightning trainer, callbacks, TensorBoard) | {o['lightning_ms']:.2f} |",
+                f"| plain PyTorch loop, same model and batches | {o['plain_ms']:.2f} |",
+                f"| **ratio** | **{o['ratio']:.3f}** |", "",
+                f"{o['rounds']} alternated rounds of {o['steps']} steps each.", ""]  # fmt: skip
+    if "flops" in results:
+        f = results["flops"]
+        out += [f"### Achieved GFLOP/s of the training step (float32 matmul peak here: {f['matmul_gflops']:.1f} GFLOP/s)",
+                "", "| recipe | LSTM path | ms/step | GFLOP/s | % of matmul peak |", "|---|---|---|---|---|"]  # fmt: skip
+        for recipe in ("tutorial", "default"):
+            for path, r in f[recipe].items():
+                out.append(f"| {recipe} | {path} | {r['ms']:.1f} | {r['gflops']:.1f} | "
+                           f"{100 * r['gflops'] / f['matmul_gflops']:.0f}% |")  # fmt: skip
+        out.append("")
+    if "curves" in results:
+        out += ["### Validation bits/char against training time", "",
+                "| recipe | budget (s) | val/bpc at each validation (training s: bpc) | best, full validation split |",
+                "|---|---|---|---|"]  # fmt: skip
+        for name, c in results["curves"].items():
+            pts = ", ".join(f"{p[0]:.0f}: {p[2]:.3f}" for p in c["points"])
+            out.append(f"| {name} | {c['budget_s']:.0f} | {pts} | **{c['full_val_bpc_best_ckpt']:.3f} bpc** |")
+        out.append("")
+    if "memory" in results:
+        out += [
+            "### Peak resident memory against corpus size",
+            "",
+            "| corpus | layout | peak RSS (MB) |",
+            "|---|---|---|",
+        ]
+        for r in results["memory"]:
+            out.append(f"| {r['corpus_mb']} MB | {r['layout']} | {r['peak_rss_mb']:.0f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="overhead,flops,curves,memory")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    ap.add_argument("--steps", type=int, default=60, help="timed steps per round (overhead, flops)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--budget-tutorial", type=float, default=300)
+    ap.add_argument("--budget-default", type=float, default=600)
+    ap.add_argument("--val-windows", type=int, default=2000, help="validation subsample during the curve runs")
+    ap.add_argument("--memory-mb", default="1,10,100")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    only = set(args.only.split(","))
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": machine(), "command": " ".join(sys.argv)}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        if "overhead" in only:
+            results["overhead"] = bench_overhead(args.steps, args.rounds, tmp)
+        if "flops" in only:
+            results["flops"] = {"matmul_gflops": matmul_gflops(),
+                                "tutorial": bench_flops(TUTORIAL, args.steps, tmp),
+                                "default": bench_flops(DEFAULT, max(5, args.steps // 4), tmp)}  # fmt: skip
+        if "curves" in only:
+            curves = {}
+            for name, recipe, budget in (("tutorial (experiment=seed)", TUTORIAL, args.budget_tutorial),
+                                         ("default (make train)", DEFAULT, args.budget_default)):  # fmt: skip
+                curves[name] = bench_curve(name.split()[0], recipe, budget, tmp, args.val_windows) | {
+                    "budget_s": budget
+                }
+            results["curves"] = curves
+            plot(curves, args.out / "bpc_vs_time.png")
+        if "memory" in only:
+            results["memory"] = bench_memory([int(x) for x in args.memory_mb.split(",")], tmp)
+    results["seconds"] = time.perf_counter() - t0
+    text = markdown(results) + f"\nTotal benchmark time: {results['seconds'] / 60:.1f} min (`{results['command']}`)\n"
+    print(text)
+    (args.out / "train_bench.md").write_text(text)
+    (args.out / "train_bench.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
