@@ -140,7 +140,7 @@ def fetch_url(url: str, data_dir: str | os.PathLike[str], sha256: str | None = N
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             data = resp.read()
     except urllib.error.HTTPError as err:
-        raise CorpusError(f"downloading {url} failed: HTTP {err.code} {err.reason}; check data.url") from None
+        raise CorpusError(f"downloading {url} failed: HTTP {err.code} {err.reason}; check data.path") from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise CorpusError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -219,9 +220,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         save_run_config(cfg, out, ckpt_path, step)
     del ckpt
     try:
-        trainer.fit(
-            model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
-        )
+        with warnings.catch_warnings():
+            # A resumed run writes into its own checkpoint folder on purpose.
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(
+                model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
+            )
     except (KeyboardInterrupt, SystemExit) as exc:
         raise interrupted_error(exc, trainer, last) from None
 
