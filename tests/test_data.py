@@ -112,3 +112,17 @@ def test_datamodule_lowercases_and_counts_validation(tmp_path, text_file):
                          val_max_windows=4)  # fmt: skip
     dm2.setup("fit")
     assert len(dm2.val_dataset()) == 4
+
+
+def test_extra_plays_add_training_text_only(tmp_path):
+    base = CharDataModule(data_dir=str(tmp_path), seq_len=50)
+    base.setup("fit")
+    more = CharDataModule(data_dir=str(tmp_path), seq_len=50, extra_plays=["othello"])
+    more.setup("fit")
+    # validation is Macbeth's own tail either way, encoded with each run's vocabulary
+    assert more.vocab.decode(more.val_ids.long()) == base.vocab.decode(base.val_ids.long())
+    assert len(more.train_ids) > len(base.train_ids) + 100_000
+    # Macbeth's training split comes last, right before the validation split
+    tail = more.vocab.decode(more.train_ids[-len(base.train_ids) :].long())
+    assert tail == base.vocab.decode(base.train_ids.long())
+    assert "othello" in more.vocab.decode(more.train_ids[:200_000].long())

@@ -38,7 +38,7 @@ def test_state_is_carried():
 def test_module_hparams_are_primitives():
     m = CharLSTMModule(vocab=list("abc"), units=4, layers=1)
     for v in m.hparams.values():
-        assert isinstance(v, str | int | float | bool | list)
+        assert v is None or isinstance(v, str | int | float | bool | list)
     assert m.hparams.vocab == ["a", "b", "c"]
 
 

@@ -20,6 +20,9 @@ LN2 = math.log(2.0)
 class CharLSTM(nn.Module):
     """Input layer for the encoding -> stacked nn.LSTM (dropout between layers) -> dropout -> linear logits.
 
+    Dropout sits on the input (``input_dropout``), between LSTM layers (``dropout``) and after the last one
+    (``output_dropout``, default: the same as ``dropout``).
+
     With ``encoding='normalized'``, ``layers=2``, ``dropout=0.2`` this is the tutorial's
     LSTM -> Dropout -> LSTM -> Dropout -> Dense; the softmax lives in the loss (cross-entropy on logits).
     """
@@ -33,6 +36,7 @@ class CharLSTM(nn.Module):
         encoding: str = "normalized",
         embed_dim: int = 64,
         input_dropout: float = 0.0,
+        output_dropout: float | None = None,
     ) -> None:
         super().__init__()
         if encoding not in ENCODINGS:
@@ -45,7 +49,7 @@ class CharLSTM(nn.Module):
         self.input_drop = nn.Dropout(input_dropout)
         self.lstm = nn.LSTM(input_size, units, num_layers=layers, dropout=dropout if layers > 1 else 0.0,
                             batch_first=True)  # fmt: skip
-        self.drop = nn.Dropout(dropout)
+        self.drop = nn.Dropout(dropout if output_dropout is None else output_dropout)
         self.head = nn.Linear(units, vocab_size)
 
     def forward(
@@ -75,6 +79,7 @@ class CharLSTMModule(pl.LightningModule):
         layers: int = 2,
         dropout: float = 0.2,
         input_dropout: float = 0.0,
+        output_dropout: float | None = None,
         embed_dim: int = 64,
         optimizer: str = "adam",
         lr: float = 1e-3,
@@ -98,7 +103,7 @@ class CharLSTMModule(pl.LightningModule):
         if layout not in LAYOUTS:
             raise ConfigError(f"layout={layout!r} is not allowed; use 'windows' or 'streams'")
         self.save_hyperparameters()
-        self.net = CharLSTM(len(vocab), units, layers, dropout, encoding, embed_dim, input_dropout)
+        self.net = CharLSTM(len(vocab), units, layers, dropout, encoding, embed_dim, input_dropout, output_dropout)
         self._train_state: State | None = None
         self.register_buffer("best_val_loss", torch.tensor(float("inf")))
         self._val_sum = torch.zeros(())
