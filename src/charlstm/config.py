@@ -66,7 +66,6 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.stride": INT_GE1,
     "data.layout": ("choice", ("windows", "streams"), "windows or streams"),
     "data.targets": ("choice", ("last", "all"), "last or all"),
-    "data.encoding": ("choice", ("normalized", "onehot", "embedding"), "normalized, onehot or embedding"),
     "data.val_fraction": FRACTION_OPEN,
     "data.val_max_windows": ("int?", lambda v: v >= 1, "null or an integer >= 1"),
     "data.val_context": ("int?", lambda v: v >= 1, "null or an integer >= 1"),
@@ -199,9 +198,22 @@ def check(cfg: DictConfig, rules: dict[str, Rule]) -> None:
             raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}")
 
 
+def _missing(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys left as ``???``, found without resolving interpolations (which may need a Hydra run)."""
+    found = []
+    for key in node:
+        if OmegaConf.is_missing(node, key):
+            found.append(f"{prefix}{key}")
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_interpolation() and not child._is_none():
+            found.extend(_missing(child, f"{prefix}{key}."))
+    return found
+
+
 def check_missing(cfg: DictConfig) -> None:
     """Values left as ``???`` must be given on the command line."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = _missing(cfg)
     if missing:
         raise ConfigError(f"{missing[0]} must be set: add {missing[0]}=VALUE to the command")
 
