@@ -144,19 +144,6 @@ TRAIN_RULES: dict[str, Rule] = {
     "sample.temperature": ("float", lambda v: v >= 0, "a number >= 0 (0 is greedy)"),
 }
 
-GENERATE_RULES: dict[str, Rule] = {
-    "ckpt": ("str", lambda v: v.strip() != "", "last or a path to a .ckpt file"),
-    "prompt": ("str", None, "a string (FILE:path reads it from a file)"),
-    "length": INT_GE0,
-    "num_samples": INT_GE1,
-    "temperature": ("float", lambda v: v >= 0, "a number >= 0 (0 is greedy)"),
-    "top_k": ("int?", lambda v: v >= 0, "null or an integer >= 0 (0 keeps every char)"),
-    "top_p": ("float?", lambda v: 0 < v <= 1, "null or a number with 0 < value <= 1"),
-    "seed": ("int?", lambda v: v >= 0, "null or an integer >= 0"),
-    "mode": ("choice", ("state", "window"), "state or window"),
-    "device": ("choice", ("cpu", "cuda", "gpu", "mps", "auto"), "cpu, cuda, gpu, mps or auto"),
-}
-
 
 def _get(cfg: DictConfig, key: str) -> tuple[bool, Any]:
     node: Any = cfg
@@ -279,9 +266,3 @@ def validate_train(cfg: DictConfig) -> None:
     check(cfg, TRAIN_RULES)
     check_consistent(cfg)
     check_known_keys(cfg)
-
-
-def validate_generate(cfg: DictConfig) -> None:
-    """Everything ``generate()`` reads, checked before a checkpoint is loaded."""
-    check_missing(cfg)
-    check(cfg, GENERATE_RULES)
