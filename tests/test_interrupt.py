@@ -83,6 +83,12 @@ def test_signal_mid_epoch_saves_last_and_stops(make_cfg, tmp_path, signum):
     assert {s: signal.getsignal(s) for s in before} == before  # handlers given back
 
 
+def test_a_finished_run_gives_the_signal_handlers_back(make_cfg):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    train(make_cfg("sample.length=0", "data.max_chars=2000"))
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_second_ctrl_c_quits_without_saving(make_cfg, tmp_path):
     cfg = make_cfg("trainer.max_epochs=3", "callbacks.last_checkpoint.every_n_train_steps=5", "sample.length=0")
     add_callback(cfg, "send_signal", SendSignal, step=7, signum=int(signal.SIGINT), times=2)

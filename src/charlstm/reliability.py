@@ -223,9 +223,11 @@ class LastCheckpoint(Checkpoint):
             os.write(sys.stderr.fileno(), f"\n{name}: finishing this batch, then saving {LAST}{again}\n".encode())
 
     def _restore_handlers(self) -> None:
-        for signum, handler in self._previous_handlers.items():
-            if handler is not None and threading.current_thread() is threading.main_thread():
-                signal.signal(signum, handler)
+        """Give the signals back to whoever had them (Lightning, which restores the originals at teardown)."""
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous_handlers.items():
+                if handler is not None and signal.getsignal(signum) == self._on_signal:
+                    signal.signal(signum, handler)
         self._previous_handlers = {}
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -292,6 +294,8 @@ class LastCheckpoint(Checkpoint):
             self._pending_plateau = []
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before Lightning's teardown, which puts back the handlers it found when training began.
+        self._restore_handlers()
         # After the last epoch's scheduler step: the state a longer run continues from.
         if not self._should_skip(trainer):
             self.save(trainer)
