@@ -17,7 +17,7 @@ from charlstm import checkpoint
 from charlstm.errors import CheckpointError, ConfigError, TrainingInterrupted
 from charlstm.train import train
 
-EXACT = ("trainer.deterministic=true", "sample.length=0", "callbacks.early_stopping=null", "data.max_chars=2000")
+EXACT = ("trainer.deterministic=true", "sample.length=0", "data.max_chars=2000")
 
 
 class CopyAtEpochStart(pl.Callback):
@@ -34,6 +34,7 @@ class CopyAtEpochStart(pl.Callback):
 def cfg_in(make_cfg, folder: Path, *overrides: str):
     cfg = make_cfg(*EXACT, *overrides)
     with open_dict(cfg):
+        cfg.callbacks.pop("text_sample", None)  # samples each epoch: time, and nothing to do with resuming
         cfg.paths.output_dir = str(folder / "run")
         cfg.paths.outputs_root = str(folder)
     return cfg

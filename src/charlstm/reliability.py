@@ -149,9 +149,9 @@ class LastCheckpoint(Checkpoint):
     """Keeps ``last.ckpt`` the newest resumable state of the run and stops cleanly on Ctrl-C / SIGTERM.
 
     ``last.ckpt`` is rewritten every ``every_n_train_steps`` optimizer steps and every ``train_time_interval``
-    seconds (either may be null), at every epoch boundary (after validation and the epoch's scheduler step, so
-    best-metric tracking, early stopping and the learning-rate schedule are in it) and at the end of training;
-    so ``kill -9`` loses at most the work since the last write.
+    seconds (either may be null), at the end of every epoch (after validation, so best-metric tracking, early
+    stopping and the learning-rate schedule are in it) and at the end of training; so ``kill -9`` loses at most
+    the work since the last write.
     On the first Ctrl-C or SIGTERM the current batch finishes, ``last.ckpt`` is written and the run ends with
     :class:`TrainingInterrupted`; a second Ctrl-C quits at once without saving. With several processes (DDP)
     all ranks agree on when to save and stop, so a signal to any one of them stops all.
