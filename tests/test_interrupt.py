@@ -85,8 +85,9 @@ def test_signal_mid_epoch_saves_last_and_stops(make_cfg, tmp_path, signum):
 
 def test_a_finished_run_gives_the_signal_handlers_back(make_cfg):
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    train(make_cfg("sample.length=0", "data.max_chars=2000"))
+    _, objects = train(make_cfg("sample.length=0", "data.max_chars=2000"))
     assert {s: signal.getsignal(s) for s in before} == before
+    assert isinstance(objects["trainer"].strategy.checkpoint_io, AtomicCheckpointIO)  # every file, best-* too
 
 
 def test_second_ctrl_c_quits_without_saving(make_cfg, tmp_path):
