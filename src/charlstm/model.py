@@ -129,7 +129,11 @@ class CharLSTMModule(pl.LightningModule):
             # Truncated BPTT: carry the values, cut the graph at the batch boundary.
             self._train_state = (state[0].detach(), state[1].detach())
         loss = self.loss_sum(logits, y) / y.numel()
-        if not torch.isfinite(loss):
+        diverged = not bool(torch.isfinite(loss))
+        if self._trainer is not None and self._trainer.world_size > 1:
+            # every rank must stop together, or the others wait in backward for the one that raised
+            diverged = self._trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if diverged:
             raise DivergenceError(
                 f"training loss became {loss.item()} at step {self.global_step}; the last good checkpoint is kept. "
                 "Lower model.lr or set trainer.gradient_clip_val"
