@@ -76,7 +76,7 @@ def test_hidden_state_is_carried_detached_and_reset_each_epoch(tmp_path, text_fi
     _trainer(callbacks=[spy], limit_val_batches=0).fit(model, datamodule=dm)
     n = len(dm.train_dataset())
     assert len(spy.calls) == 2 * n
-    for i, (epoch, batch_idx, state_in, _) in enumerate(spy.calls):
+    for i, (_, batch_idx, state_in, _) in enumerate(spy.calls):
         if batch_idx == 0:
             assert state_in is None, "state must be reset at the start of every epoch"
             continue

@@ -17,7 +17,7 @@ from tests.conftest import CONFIG_DIR, compose_cfg
 def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     cfg = compose_cfg("train", [
-        "data.max_chars=4000", "data.batch_size=32", "data.val_max_windows=256", "model.units=16",
+        "~experiment", "data.max_chars=4000", "data.batch_size=32", "data.val_max_windows=256", "model.units=16",
         "trainer.max_epochs=2", "trainer.enable_model_summary=false", "callbacks.rich_progress_bar=null",
         f"paths.output_dir={tmp / 'out'}", f"paths.data_dir={tmp / 'data'}", f"paths.outputs_root={tmp}",
     ])  # fmt: skip
@@ -69,7 +69,7 @@ def _group_options(group: str) -> list[str]:
 @pytest.mark.parametrize("option", _group_options("data"))
 def test_every_data_config_instantiates(option, tmp_path, text_file):
     path = text_file("Double, double toil and trouble;\nFire burn and cauldron bubble.\n" * 10)
-    cfg = compose_cfg("train", [f"data={option}", f"data.path={path}", f"paths.data_dir={tmp_path}"])
+    cfg = compose_cfg("train", ["~experiment", f"data={option}", f"data.path={path}", f"paths.data_dir={tmp_path}"])
     dm = instantiate(cfg.data)
     assert dm.seq_len == cfg.data.seq_len
     if option != "shakespeare":  # all plays: 5 MB, converted elsewhere
@@ -100,6 +100,13 @@ def test_every_experiment_and_debug_config_composes(option):
     group = "experiment" if (CONFIG_DIR / "experiment" / f"{option}.yaml").exists() else "debug"
     cfg = compose_cfg("train", [f"{group}={option}"])
     instantiate(cfg.model, vocab=list("abc"), seq_len=cfg.data.seq_len, layout=cfg.data.layout)
+
+
+def test_default_recipe_is_the_measured_one():
+    cfg = compose_cfg("train")
+    assert (cfg.data.layout, cfg.data.extra_plays, cfg.model.encoding) == ("streams", "all", "embedding")
+    assert cfg.data.play == "macbeth" and cfg.data.val_fraction == 0.1 and cfg.data.val_context == 50
+    assert cfg.trainer.max_time == "00:00:10:00"
 
 
 def test_seed_experiment_is_the_tutorial():

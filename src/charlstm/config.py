@@ -79,6 +79,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "model.embed_dim": INT_GE1,
     "model.dropout": DROPOUT,
     "model.input_dropout": DROPOUT,
+    "model.output_dropout": ("float?", lambda v: 0 <= v < 1, "null or a number with 0 <= value < 1"),
     "model.optimizer": ("choice", ("adam", "adamw"), "adam or adamw"),
     "model.lr": ("float", lambda v: v > 0, "a number > 0"),
     "model.weight_decay": ("float", lambda v: v >= 0, "a number >= 0"),

@@ -40,9 +40,7 @@ class CharLSTM(nn.Module):
     ) -> None:
         super().__init__()
         if encoding not in ENCODINGS:
-            raise ConfigError(
-                f"model.encoding={encoding!r} is not allowed; use one of {', '.join(ENCODINGS)}"
-            )
+            raise ConfigError(f"model.encoding={encoding!r} is not allowed; use one of {', '.join(ENCODINGS)}")
         self.vocab_size, self.units, self.layers, self.encoding = vocab_size, units, layers, encoding
         self.embed = nn.Embedding(vocab_size, embed_dim) if encoding == "embedding" else None
         input_size = {"normalized": 1, "onehot": vocab_size, "embedding": embed_dim}[encoding]
@@ -97,9 +95,7 @@ class CharLSTMModule(pl.LightningModule):
         if optimizer not in ("adam", "adamw"):
             raise ConfigError(f"model.optimizer={optimizer!r} is not allowed; use 'adam' or 'adamw'")
         if scheduler not in ("none", "plateau", "cosine"):
-            raise ConfigError(
-                f"model.scheduler={scheduler!r} is not allowed; use 'none', 'plateau' or 'cosine'"
-            )
+            raise ConfigError(f"model.scheduler={scheduler!r} is not allowed; use 'none', 'plateau' or 'cosine'")
         if layout not in LAYOUTS:
             raise ConfigError(f"layout={layout!r} is not allowed; use 'windows' or 'streams'")
         self.save_hyperparameters()
@@ -194,9 +190,7 @@ class CharLSTMModule(pl.LightningModule):
         if hp.scheduler == "cosine" or hp.warmup_steps > 0:
             total = max(1, int(self.trainer.estimated_stepping_batches))
             warmup, floor, cosine = hp.warmup_steps, hp.min_lr_ratio, hp.scheduler == "cosine"
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda step: lr_factor(step, total, warmup, floor, cosine)
-            )
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warmup, floor, cosine))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return opt
 
@@ -204,9 +198,7 @@ class CharLSTMModule(pl.LightningModule):
         # Makes the HParams tab of TensorBoard compare runs by their best validation bits/char.
         from pytorch_lightning.loggers import TensorBoardLogger
 
-        params = {k: v for k, v in self.hparams.items() if k != "vocab"} | {
-            "vocab_size": len(self.hparams.vocab)
-        }
+        params = {k: v for k, v in self.hparams.items() if k != "vocab"} | {"vocab_size": len(self.hparams.vocab)}
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger) and torch.isfinite(self.best_val_loss):
                 logger.log_hyperparams(params, {"hp/val_bpc_best": float(self.best_val_loss / LN2)})

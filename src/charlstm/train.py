@@ -11,6 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint
@@ -19,6 +20,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from charlstm import checkpoint
 from charlstm.config import validate_train
 from charlstm.errors import (
+    CharLSTMError,
     CheckpointError,
     ConfigError,
     TrainingInterrupted,
@@ -45,7 +47,17 @@ def instantiate_named(group: DictConfig | None) -> list[Any]:
     """Instantiate each ``_target_`` entry of a named dict (callbacks, loggers); null entries are skipped."""
     if not group:
         return []
-    return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+    built = []
+    for node in group.values():
+        if isinstance(node, DictConfig) and "_target_" in node:
+            try:
+                built.append(instantiate(node))
+            except InstantiationException as err:
+                # Hydra wraps what the constructor raised; our own errors keep their one line.
+                if isinstance(err.__cause__, CharLSTMError):
+                    raise err.__cause__ from None
+                raise
+    return built
 
 
 RUN_FILES = ("config.yaml",)
