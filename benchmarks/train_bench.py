@@ -185,7 +185,8 @@ class _Curve(pl.Callback):
 
 
 def bench_curve(name: str, recipe: list[str], budget_s: float, tmp: Path, val_windows: int) -> dict:
-    extra = [f"trainer.max_time={{seconds: {int(budget_s)}}}", "trainer.max_epochs=-1",
+    b = int(budget_s)
+    extra = [f"trainer.max_time='00:{b // 3600:02d}:{b % 3600 // 60:02d}:{b % 60:02d}'", "trainer.max_epochs=-1",
              f"data.val_max_windows={val_windows}", "callbacks.early_stopping=null"]  # fmt: skip
     cfg = config([*recipe, *extra], tmp / f"curve-{name}")
     curve = _Curve()

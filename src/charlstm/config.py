@@ -72,6 +72,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.batch_size": INT_GE1,
     "data.val_batch_size": INT_GE1,
     "data.num_workers": INT_GE0,
+    "data.main_repeat": INT_GE1,
     # model
     "model.encoding": ("choice", ("normalized", "onehot", "embedding"), "normalized, onehot or embedding"),
     "model.units": INT_GE1,

