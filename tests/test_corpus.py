@@ -169,10 +169,16 @@ def test_the_play_is_converted_once_and_cached(tmp_path, monkeypatch):
     assert text.startswith("Macbeth\n\nACT I\n") and "**" not in text and "\\" not in text
     assert (tmp_path / "macbeth.txt").read_text(encoding="utf-8") == text
 
-    def no_markdown(name):
+    def no_conversion(md):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(corpus, "play_markdown", no_markdown)
+    with monkeypatch.context() as m:
+        m.setattr(corpus, "markdown_to_text", no_conversion)
+        assert play_text("macbeth", tmp_path) == text
+    # a new conversion (or a new package text) rebuilds the cache instead of serving a stale one
+    (tmp_path / "macbeth.txt").write_text("stale", encoding="utf-8")
+    assert play_text("macbeth", tmp_path) == "stale"
+    monkeypatch.setattr(corpus, "CONVERSION_VERSION", corpus.CONVERSION_VERSION + 1)
     assert play_text("macbeth", tmp_path) == text
 
 
