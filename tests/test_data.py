@@ -126,3 +126,16 @@ def test_extra_plays_add_training_text_only(tmp_path):
     tail = more.vocab.decode(more.train_ids[-len(base.train_ids) :].long())
     assert tail == base.vocab.decode(base.train_ids.long())
     assert "othello" in more.vocab.decode(more.train_ids[:200_000].long())
+
+
+def test_shuffled_batches_match_the_standard_shuffle_without_an_index_list():
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    from charlstm.data import ShuffledBatches
+
+    torch.manual_seed(7)
+    ours = list(ShuffledBatches(103, 10))
+    torch.manual_seed(7)
+    standard = list(BatchSampler(RandomSampler(range(103)), 10, drop_last=False))
+    assert ours == standard and len(ours) == len(ShuffledBatches(103, 10)) == 11
+    assert sorted(i for b in ours for i in b) == list(range(103))
