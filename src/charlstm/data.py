@@ -4,7 +4,6 @@ into N x seq_len samples; inputs are encoded (normalized / onehot / embedding id
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -259,6 +258,3 @@ class CharDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         x, y = batch
         return encode_inputs(x, self.encoding, len(self.vocab)), y
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"vocab": self.vocab.to_list() if self.vocab else None}
