@@ -1,15 +1,8 @@
 """python generate.py ckpt=PATH|last prompt="..." [key=value ...]: see configs/generate.yaml."""
 
-import hydra
-from omegaconf import DictConfig
+from pathlib import Path
 
-from charlstm.generate import run
-
-
-@hydra.main(version_base="1.3", config_path="configs", config_name="generate")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
+from charlstm.cli import hydra_entry
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(Path(__file__).resolve().parent / "configs", "generate", "charlstm.generate:run")

@@ -1,15 +1,8 @@
 """python train.py [key=value ...] [-m for sweeps]: see configs/train.yaml."""
 
-import hydra
-from omegaconf import DictConfig
+from pathlib import Path
 
-from charlstm.train import run
-
-
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    return run(cfg)
-
+from charlstm.cli import hydra_entry
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(Path(__file__).resolve().parent / "configs", "train", "charlstm.train:run")

@@ -3,12 +3,36 @@ each validation, so a run shows the model learning to write."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from charlstm.errors import ConfigError
+from charlstm.errors import ConfigError, VocabError
 from charlstm.sampling import Generator, check_options
+
+
+def check_prompt(gen: Generator, prompt: str, key: str) -> str:
+    """The prompt as the model reads it; chars the vocabulary lacks fail in one line naming the config key."""
+    try:
+        return gen.clean_prompt(prompt)
+    except VocabError as err:
+        what = str(err).split("; remove")[0].replace("the prompt", f"{key}={prompt!r}", 1)
+        raise VocabError(f"{what}; remove them from {key}") from None
+
+
+def sample_prompt(datamodule: Any, limit: int = 30) -> str:
+    """A natural start for a sample: the first whole line of the validation text (cut at a word), else a line
+    start."""
+    vocab = datamodule.vocab
+    head = vocab.decode(datamodule.val_ids[:2000].long().tolist()) if datamodule.val_ids is not None else ""
+    lines = head.split("\n")[1:-1] if "\n" in head else []
+    for line in lines:
+        line = line.strip()
+        if len(line) >= 3:
+            return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] or line[:limit]
+    return "\n" if "\n" in vocab.chars else ""
 
 
 def as_markdown(text: str) -> str:
@@ -43,14 +67,18 @@ class TextSample(Callback):
         self.top_k, self.top_p, self.every_n_epochs, self.seed, self.mode = top_k, top_p, every_n_epochs, seed, mode
         self.console, self.tag = console, tag
         self.texts: list[tuple[int, str]] = []  # (global step, sample) of this run, newest last
+        self._start = ""  # with no prompt: the first line of the validation text (set when training starts)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a prompt the vocabulary cannot read fails now, not after the first epoch
-        Generator.from_module(pl_module).clean_prompt(self.prompt)
+        check_prompt(Generator.from_module(pl_module), self.prompt, "callbacks.text_sample.prompt")
+        datamodule = getattr(trainer, "datamodule", None)
+        if not self.prompt and getattr(datamodule, "val_ids", None) is not None:
+            self._start = sample_prompt(datamodule)
 
     def sample(self, pl_module: pl.LightningModule) -> str:
         gen = Generator.from_module(pl_module)
-        prompt = gen.clean_prompt(self.prompt)
+        prompt = gen.clean_prompt(self.prompt or self._start)
         text = gen.generate(prompt, self.length, self.temperature, self.top_k, self.top_p, seed=self.seed,
                             mode=self.mode)[0]  # fmt: skip
         return prompt + text

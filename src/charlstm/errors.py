@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -37,6 +38,10 @@ class CheckpointError(CharLSTMError):
 
 class DivergenceError(CharLSTMError):
     """Training produced a non-finite loss."""
+
+
+class TrainingFailed(CharLSTMError):
+    """An unexpected exception stopped training; the message says where the last good checkpoint is."""
 
 
 class TrainingInterrupted(CharLSTMError):
@@ -77,6 +82,8 @@ def exit_on_error(fn: F) -> F:
         except CharLSTMError as err:
             rank = process_rank()
             line = " ".join(str(err).split("\n"))
+            # into train.log too (the console already gets the line below)
+            logging.getLogger("charlstm").error("%s: %s", err.prefix, line, extra={"file_only": True})
             if rank == 0:
                 print(f"{err.prefix}: {line}", file=sys.stderr, flush=True)
             elif not isinstance(err, TrainingInterrupted):

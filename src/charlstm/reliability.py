@@ -3,6 +3,7 @@ every epoch, at the end), and Ctrl-C / SIGTERM turned into a saved checkpoint an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -21,7 +22,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
-from charlstm.errors import DivergenceError, TrainingInterrupted
+from charlstm.errors import CharLSTMError, DivergenceError, TrainingInterrupted
 
 LAST = "last.ckpt"
 _TMP_SUFFIX = ".tmp"
@@ -180,6 +181,7 @@ class LastCheckpoint(Checkpoint):
         self._last_save_time = time.monotonic()
         self._previous_handlers: dict[int, Any] = {}
         self._is_global_zero = True
+        self._stepping = False
 
     @property
     def path(self) -> Path:
@@ -230,10 +232,26 @@ class LastCheckpoint(Checkpoint):
                     signal.signal(signum, handler)
         self._previous_handlers = {}
 
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._stepping = True
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Never save here: after a crash or a non-finite loss the state may be half-updated. last.ckpt stays
-        # the last good one.
         self._restore_handlers()
+        # An unexpected exception outside the optimizer's update leaves the weights of the last finished step:
+        # save them, so the run can be resumed from there. Never after a non-finite loss, an interruption (it
+        # saved already, or was told not to), inside the update (half-applied) or with several processes (the
+        # save is collective and the other ranks may be gone).
+        if (
+            isinstance(exception, Exception)
+            and not isinstance(exception, CharLSTMError)
+            and not self._stepping
+            and trainer.world_size == 1
+            and not self._should_skip(trainer)
+            and trainer.global_step > self._start_step
+            and trainer.global_step != self.last_saved_step
+        ):
+            with contextlib.suppress(Exception):  # the original failure is what the user must see
+                self.save(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore_handlers()
@@ -250,6 +268,7 @@ class LastCheckpoint(Checkpoint):
         return self.path
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._stepping = False
         if self._should_skip(trainer):
             return
         step = trainer.global_step

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import warnings
 from pathlib import Path
@@ -14,19 +15,24 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from pytorch_lightning.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint, ProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from charlstm import checkpoint
+from charlstm.callbacks import check_prompt, sample_prompt
 from charlstm.config import validate_train
 from charlstm.errors import (
     CharLSTMError,
     CheckpointError,
     ConfigError,
+    TrainingFailed,
     TrainingInterrupted,
     exit_on_error,
     process_rank,
 )
+from charlstm.logs import quiet_known_warnings, route_library_logs
+from charlstm.progress import FinalValidation, ValidationLog
 from charlstm.reliability import AtomicCheckpointIO, LastCheckpoint, ensure_last_checkpoint
 
 log = logging.getLogger(__name__)
@@ -103,7 +109,11 @@ def resolve_resume(cfg: DictConfig) -> Path:
     value = str(cfg.ckpt_path)
     if value == "last" and process_rank() > 0 and os.environ.get(RESUME_ENV):
         return Path(os.environ[RESUME_ENV])
-    path = checkpoint.resolve(value, cfg.paths.outputs_root).resolve()
+    try:
+        path = checkpoint.resolve(value, cfg.paths.outputs_root).resolve()
+    except CheckpointError as err:
+        # checkpoint.resolve speaks generate.py's key; train.py's is ckpt_path
+        raise CheckpointError(str(err).replace("ckpt=", "ckpt_path=")) from None
     if value == "last" and process_rank() == 0:
         os.environ[RESUME_ENV] = str(path)
     return path
@@ -185,12 +195,140 @@ def interrupted_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpo
     )
 
 
+# What a resumed run may change on the command line: limits, hardware, logging and reporting. Anything else
+# under data.* or model.* (or another recipe) would continue the run on other text or another network.
+RESUME_SAFE = (
+    "trainer.max_steps", "trainer.max_time", "trainer.max_epochs", "trainer.min_epochs", "trainer.log_every_n_steps",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.val_check_interval",
+    "trainer.check_val_every_n_epoch", "trainer.limit_val_batches", "trainer.num_sanity_val_steps",
+    "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.precision",
+    "trainer.gradient_clip_val", "trainer.profiler", "trainer.deterministic",
+    "callbacks", "logger", "sample", "paths", "ckpt_path", "seed", "optimized_metric", "task_name",
+    "data.num_workers", "data.val_batch_size",
+)  # fmt: skip
+# trainer=NAME on a resume changes the hardware only
+TRAINER_HARDWARE = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+
+
+def hydra_overrides() -> list[str] | None:
+    """The command line's overrides when running under Hydra (None when called directly, e.g. from tests)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return list(HydraConfig.get().overrides.task)
+
+
+def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> DictConfig:
+    """The resumed run's own saved config, with the command line's safe overrides on top.
+
+    A resume continues the run as it was configured (its data, recipe and model), so ``python train.py
+    ckpt_path=RUN/checkpoints/last.ckpt`` needs nothing else; an override that would change the data or the
+    model is refused in one line.
+    """
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key == "trainer":
+            for name in TRAINER_HARDWARE:
+                if name in cfg.trainer:
+                    OmegaConf.update(saved, f"trainer.{name}", cfg.trainer[name], force_add=True)
+            continue
+        if not any(key == safe or key.startswith(safe + ".") for safe in RESUME_SAFE):
+            what = "model" if key.split(".")[0] == "model" else "data or recipe"
+            raise ConfigError(
+                f"{override} would change the {what} of the run being resumed ({run_dir / 'config.yaml'}); "
+                "resume without it (the run keeps its own settings), or start a new run without ckpt_path"
+            )
+        if override.startswith("~"):
+            continue
+        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
+    with open_dict(saved):
+        saved.paths.output_dir = str(run_dir)
+        saved.paths.outputs_root = cfg.paths.outputs_root
+        saved.ckpt_path = cfg.ckpt_path
+    return saved
+
+
+def batches_per_epoch(cfg: DictConfig, datamodule: Any) -> int | None:
+    """Training batches one process runs per epoch, after limit_train_batches / overfit_batches."""
+    devices = cfg.trainer.get("devices")
+    world = (devices if isinstance(devices, int) and devices > 0 else 1) * int(cfg.trainer.get("num_nodes") or 1)
+    try:
+        n = len(datamodule.train_dataset())
+    except TypeError:
+        return None
+    if cfg.data.layout != "streams":
+        n = -(-n // cfg.data.batch_size)
+    n = max(1, n // world)
+    for key in ("overfit_batches", "limit_train_batches"):
+        limit = cfg.trainer.get(key)
+        if limit is None or (limit == 0 and key == "overfit_batches"):
+            continue
+        n = min(n, limit) if isinstance(limit, int) else max(1, int(n * float(limit)))
+        if key == "overfit_batches":
+            break
+    return n
+
+
+def fit_val_interval(cfg: DictConfig, datamodule: Any) -> None:
+    """A step-based validation interval longer than the epoch becomes the epoch (a debug preset, a big batch or
+    a short text), so the run validates at each epoch end instead of failing in Lightning's check."""
+    interval = cfg.trainer.get("val_check_interval")
+    per_epoch = cfg.trainer.get("check_val_every_n_epoch") is not None
+    if not isinstance(interval, int) or isinstance(interval, bool) or not per_epoch:
+        return
+    n = batches_per_epoch(cfg, datamodule)
+    if n is not None and interval > n:
+        log.info("trainer.val_check_interval=%d is longer than the %d training batches of an epoch: validating at "
+                 "each epoch end", interval, n)  # fmt: skip
+        with open_dict(cfg):
+            cfg.trainer.val_check_interval = n
+
+
+def failed_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpoint, out: Path) -> TrainingFailed:
+    """The one line for an unexpected exception during training; the traceback goes to train.log."""
+    log.error("training failed at step %d", trainer.global_step, exc_info=exc, extra={"file_only": True})
+    what = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+    if last.last_saved_step is not None:
+        saved = f"the last good state is {last.path} (step {last.last_saved_step}); resume with: " \
+                f"python train.py ckpt_path={last.path}"  # fmt: skip
+    else:
+        saved = "no checkpoint was written"
+    logfile = out / "train.log"
+    where = f" (traceback in {logfile})" if logfile.is_file() else ""
+    return TrainingFailed(f"training stopped at step {trainer.global_step} by {what}; {saved}{where}")
+
+
+def describe(cfg: DictConfig, out: Path) -> str:
+    """One line saying what this run trains, on what, for how long, and where its files go."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    d, m, t = cfg.data, cfg.model, cfg.trainer
+    corpus = f"file {d.path}" if d.source == "file" else f"play {d.play}"
+    limits = ", ".join(
+        f"{k} {t.get(k)}" for k in ("max_steps", "max_epochs", "max_time") if t.get(k) not in (None, -1)
+    )  # fmt: skip
+    recipe = choices.get("experiment") or "none"
+    return (
+        f"training: recipe {recipe}, {corpus} ({d.layout}, seq_len {d.seq_len}, batch {d.batch_size}), "
+        f"{m.layers} x {m.units} LSTM ({m.encoding}), {t.accelerator} {t.precision}, {limits or 'no limit'}; "
+        f"run folder {out}"
+    )
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train a model as configured; returns the final metrics and the objects built (for tests and callers)."""
+    overrides = hydra_overrides()
+    if cfg.get("ckpt_path") and overrides is not None:
+        run_dir = run_folder_of(resolve_resume(cfg))
+        if run_dir is not None:
+            cfg = resumed_config(cfg, run_dir, overrides)
     OmegaConf.set_struct(cfg, True)
     validate_train(cfg)
     check_accelerator(str(cfg.trainer.accelerator))
@@ -215,8 +353,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     )  # fmt: skip
     if ckpt is not None:
         check_resume_compatible(ckpt_path, ckpt, model)
+    if cfg.sample.length > 0 and cfg.sample.prompt:
+        from charlstm.sampling import Generator
+
+        check_prompt(Generator.from_module(model), cfg.sample.prompt, "sample.prompt")
+    fit_val_interval(cfg, datamodule)
     out = Path(cfg.paths.output_dir)
     callbacks = instantiate_named(cfg.get("callbacks"))
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
+    callbacks += [FinalValidation(), ValidationLog()]
     if cfg.trainer.get("enable_checkpointing", True):
         last = ensure_last_checkpoint(callbacks, out / "checkpoints")
     else:
@@ -229,6 +375,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer = build_trainer(cfg, callbacks, loggers)
 
     if trainer.is_global_zero:
+        log.info(describe(cfg, out))
         save_run_config(cfg, out, ckpt_path, step)
     del ckpt
     try:
@@ -240,6 +387,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             )
     except (KeyboardInterrupt, SystemExit) as exc:
         raise interrupted_error(exc, trainer, last) from None
+    except CharLSTMError:
+        raise
+    except Exception as exc:  # a bug or a library failure: say where the last good state is
+        raise failed_error(exc, trainer, last, out) from exc
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer,
@@ -247,8 +398,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, objects
 
 
+def say(line: str) -> None:
+    """A line for the user: on the console and in train.log (printed when logging is not set up, e.g. in tests)."""
+    if logging.getLogger().handlers:
+        log.info(line)
+    else:
+        print(line, flush=True)
+
+
 def report(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]) -> None:
-    """Print where the run's files are, its validation bits/char and a short sample."""
+    """Say where the run's files are, its validation bits/char and a short sample."""
     from charlstm.sampling import Generator
 
     trainer: pl.Trainer = objects["trainer"]
@@ -260,31 +419,56 @@ def report(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]) 
     if folder:
         names = [n for n in ("last.ckpt" if last else "", best and Path(best.best_model_path).name) if n]
         lines.append(f"checkpoints:  {folder}  ({', '.join(names)})")
-    if trainer.loggers:
+    if any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers):
         lines.append(f"tensorboard:  tensorboard --logdir {out.parent if out.name.isdigit() else out}")
     if "val/bpc" in metrics:
         lines.append(
             f"val/bpc:      {metrics['val/bpc']:.4f} (final)   {metrics.get('val/bpc_best', float('nan')):.4f} (best)"
-            f"   val/loss {metrics.get('val/loss', float('nan')):.4f} nats/char"
+            f"   val/loss {metrics.get('val/loss', float('nan')):.4f} nats/char   step {trainer.global_step}"
         )
-    print("\n".join(lines))
+    say("\n".join(lines))
     if cfg.sample.length > 0:
         gen = Generator.from_module(objects["model"])
-        text = gen.generate(cfg.sample.prompt, cfg.sample.length, cfg.sample.temperature, seed=cfg.seed or 0)[0]
-        print(f"sample (temperature {cfg.sample.temperature}):\n{cfg.sample.prompt}{text}")
+        prompt = gen.clean_prompt(cfg.sample.prompt or sample_prompt(objects["datamodule"]))
+        text = gen.generate(prompt, cfg.sample.length, cfg.sample.temperature, seed=cfg.seed or 0)[0]
+        say(f"sample (temperature {cfg.sample.temperature}):\n{prompt.lstrip(chr(10))}{text}")
+
+
+def remove_if_empty(folder: Path) -> None:
+    """A run refused before it started leaves no folder behind (only Hydra's copy of the config and the log)."""
+    if folder.is_dir() and all(p.name in (".hydra", "train.log") for p in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def hydra_run_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return None
 
 
 @exit_on_error
 def run(cfg: DictConfig) -> float | None:
     """What ``python train.py`` does: train, report, return the optimized metric for sweepers."""
+    route_library_logs()
+    quiet_known_warnings()
     try:
-        metrics, objects = train(cfg)
-    except KeyboardInterrupt:
-        raise TrainingInterrupted("SIGINT before training started; nothing to save", signal.SIGINT) from None
-    except MisconfigurationException as err:
-        # Lightning's own checks of trainer settings: a config mistake like any other.
-        raise ConfigError(f"{' '.join(str(err).split())} (a trainer setting, see configs/trainer/)") from None
+        try:
+            metrics, objects = train(cfg)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted("SIGINT before training started; nothing to save", signal.SIGINT) from None
+        except MisconfigurationException as err:
+            # Lightning's own checks of trainer settings: a config mistake like any other.
+            raise ConfigError(f"{' '.join(str(err).split())} (a trainer setting, see configs/trainer/)") from None
+    except BaseException:
+        folder = hydra_run_dir()
+        if folder is not None and process_rank() == 0:
+            remove_if_empty(folder)
+        raise
     if objects["trainer"].is_global_zero:
         report(cfg, metrics, objects)
-    value = metrics.get(cfg.get("optimized_metric") or "")
-    return value
+    return metrics.get(cfg.get("optimized_metric") or "")

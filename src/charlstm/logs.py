@@ -1,0 +1,63 @@
+"""The run's console and train.log: known-harmless library chatter dropped narrowly (by message and origin),
+and lines that belong in the log file only (validations under a live progress bar, error lines already
+printed) kept off the console."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+# (logger name prefix, message start) of INFO lines libraries print on every run that say nothing to the user
+_CHATTER = (
+    ("pytorch_lightning", "💡 Tip: For seamless cloud logging"),
+    ("lightning_fabric", "💡 Tip: For seamless cloud logging"),
+)
+# Lightning's device inventory: kept in train.log, off the console (the run's accelerator is in the config)
+_FILE_ONLY_PREFIXES = ("GPU available:", "TPU available:", "HPU available:", "IPU available:")
+
+
+class Chatter(logging.Filter):
+    """Drops the known library chatter lines everywhere."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        msg = str(record.msg)
+        return not any(record.name.startswith(name) and msg.startswith(start) for name, start in _CHATTER)
+
+
+class ConsoleLines(logging.Filter):
+    """Keeps lines marked ``extra={"file_only": True}`` (and Lightning's device inventory) off the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "file_only", False):
+            return False
+        return not (record.name.startswith("pytorch_lightning") and str(record.msg).startswith(_FILE_ONLY_PREFIXES))
+
+
+def route_library_logs() -> None:
+    """Let Lightning's loggers reach the run's handlers (console + train.log) instead of their own stream
+    handler, which Lightning adds when it is imported before logging is configured."""
+    root = logging.getLogger()
+    if not root.handlers:
+        return
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def quiet_known_warnings() -> None:
+    """Warnings that are harmless for this project, each matched by its text and the module that issues it."""
+    # Lightning's own use of a torch pytree API it has not migrated yet
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", module=r"pytorch_lightning\."
+    )
+    # StreamDataset defines __len__ for the progress bar and is always read by one process (num_workers=0)
+    warnings.filterwarnings(
+        "ignore", message=r"Your `IterableDataset` has `__len__` defined", module=r"pytorch_lightning\."
+    )
+    # oneDNN's note about TF32 on Intel GPUs, printed once on CPUs where it cannot apply
+    warnings.filterwarnings("ignore", message=r".*TF32 acceleration on top of oneDNN", category=UserWarning)
