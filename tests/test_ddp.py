@@ -25,7 +25,7 @@ def test_ddp_cpu_trains_in_one_folder_and_writes_one_checkpoint_set(tmp_path, da
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "All distributed processes registered. Starting with 2 processes" in done.stderr
+    assert "All distributed processes registered. Starting with 2 processes" in done.stdout
     assert done.stdout.count("run folder:") == 1  # the summary comes from rank 0 only
     assert not [line for line in done.stderr.splitlines() if line.startswith(("error", "Traceback"))]
 

@@ -168,7 +168,7 @@ def test_resume_of_a_finished_run_asks_for_more_epochs(make_cfg, finished):
 def test_resume_refuses_missing_and_corrupt_checkpoints(make_cfg, tmp_path, finished):
     with pytest.raises(CheckpointError) as info:
         train(make_cfg("trainer.max_epochs=2", "ckpt_path=last"))  # outputs_root=tmp_path holds no run
-    assert str(info.value) == f"no last.ckpt under {tmp_path}/; train a model first (make train) or pass ckpt=PATH"
+    assert str(info.value) == f"no last.ckpt under {tmp_path}/; train a model first (make train) or pass ckpt_path=PATH"
 
     with pytest.raises(CheckpointError) as info:
         train(make_cfg("trainer.max_epochs=2", f"ckpt_path={tmp_path / 'nope.ckpt'}"))

@@ -82,8 +82,8 @@ def exit_on_error(fn: F) -> F:
         except CharLSTMError as err:
             rank = process_rank()
             line = " ".join(str(err).split("\n"))
-            # into train.log too (the console already gets the line below)
-            logging.getLogger("charlstm").error("%s: %s", err.prefix, line, extra={"file_only": True})
+            if logging.getLogger().handlers:  # into train.log too (the console gets the line below)
+                logging.getLogger("charlstm").error("%s: %s", err.prefix, line, extra={"file_only": True})
             if rank == 0:
                 print(f"{err.prefix}: {line}", file=sys.stderr, flush=True)
             elif not isinstance(err, TrainingInterrupted):

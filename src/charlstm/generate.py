@@ -108,6 +108,8 @@ def generate(cfg: DictConfig, stream: TextIO | None = None) -> list[str]:
         raise ConfigError("ckpt is not set; pass ckpt=PATH to a .ckpt file or ckpt=last")
     device = pick_device(cfg.device)
     path = checkpoint.resolve(str(cfg.ckpt), cfg.get("outputs_root") or "outputs")
+    if str(cfg.ckpt) == "last" and stream is not None:
+        print(f"checkpoint: {path.resolve()}", file=sys.stderr, flush=True)
     gen = Generator.from_checkpoint(path, device)
     prompt = gen.clean_prompt(read_prompt(cfg), cfg.unknown)
 

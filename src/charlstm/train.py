@@ -434,10 +434,19 @@ def report(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]) 
         say(f"sample (temperature {cfg.sample.temperature}):\n{prompt.lstrip(chr(10))}{text}")
 
 
-def remove_if_empty(folder: Path) -> None:
-    """A run refused before it started leaves no folder behind (only Hydra's copy of the config and the log)."""
-    if folder.is_dir() and all(p.name in (".hydra", "train.log") for p in folder.iterdir()):
-        shutil.rmtree(folder, ignore_errors=True)
+def remove_if_empty(folder: Path, root: Path) -> None:
+    """A run refused before it started leaves no folder behind (only Hydra's copy of the config and the log),
+    nor the date folders above it that it alone made."""
+    if not (folder.is_dir() and all(p.name in (".hydra", "train.log") for p in folder.iterdir())):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    root, parent = root.resolve(), folder.resolve().parent
+    while parent != root and root in parent.parents:
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
+        parent = parent.parent
 
 
 def hydra_run_dir() -> Path | None:
@@ -467,7 +476,7 @@ def run(cfg: DictConfig) -> float | None:
     except BaseException:
         folder = hydra_run_dir()
         if folder is not None and process_rank() == 0:
-            remove_if_empty(folder)
+            remove_if_empty(folder, Path(cfg.paths.outputs_root))
         raise
     if objects["trainer"].is_global_zero:
         report(cfg, metrics, objects)

@@ -1,0 +1,48 @@
+"""Running the entry points as a user does: a real process, the repository's scripts, any working folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny but real: every command keeps its recipe and shape, only smaller and shorter.
+SHRINK = ["data.max_chars=4000", "model.units=8", "model.embed_dim=8", "data.val_max_windows=128",
+          "sample.length=30", "callbacks.text_sample.length=20"]  # fmt: skip
+
+
+def run_cli(script: str, *args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` from ``cwd``, with the test environment (one thread)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=timeout, encoding="utf-8",
+    )  # fmt: skip
+
+
+def one_line_error(done: subprocess.CompletedProcess, prefix: str = "error: ") -> str:
+    """The single line a refused command prints; fails the test on a traceback or several lines."""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode != 0, f"expected a failure, got exit 0:\n{done.stdout[-2000:]}"
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(prefix), done.stderr[-3000:]
+    return lines[0]
+
+
+def ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert done.returncode == 0, (
+        f"exit {done.returncode}\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    )
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done
+
+
+def run_folders(outputs: Path) -> list[Path]:
+    """Run folders (those holding a config.yaml) under ``outputs``, oldest first."""
+    return sorted(
+        (p.parent for p in outputs.rglob("config.yaml") if ".hydra" not in p.parts), key=lambda p: p.stat().st_mtime
+    )
