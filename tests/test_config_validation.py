@@ -167,7 +167,8 @@ def test_cli_typo_in_a_key_names_the_key(cli_runs):
     run = cli_runs["typo"]
     assert run.returncode == 1
     assert run.stderr.splitlines() == [
-        "error: model.unitz is not a setting: did you mean model.units? (to add a new key on purpose: +model.unitz=VALUE)"
+        "error: model.unitz is not a setting: did you mean model.units? "
+        "(to add a new key on purpose: +model.unitz=VALUE)"
     ]
 
 

@@ -123,6 +123,7 @@ def test_seed_experiment_is_the_tutorial():
 
 def test_root_scripts_exist():
     root = Path(__file__).resolve().parents[1]
-    assert 'hydra_entry(Path(__file__).resolve().parent / "configs", "train", "charlstm.train:run")' in (
-        root / "train.py"
-    ).read_text()
+    assert (
+        'hydra_entry(Path(__file__).resolve().parent / "configs", "train", "charlstm.train:run")'
+        in (root / "train.py").read_text()
+    )
