@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from charlstm.model import CharLSTM
+from charlstm.net import CharLSTM
 from charlstm.sampling import Generator
 from charlstm.vocab import CharVocab
 

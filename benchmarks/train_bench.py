@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from charlstm.data import encode_inputs
+from charlstm.net import encode_inputs
 from charlstm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

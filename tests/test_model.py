@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from charlstm.data import encode_inputs
-from charlstm.model import CharLSTM, CharLSTMModule, lr_factor
+from charlstm.model import CharLSTMModule, lr_factor
+from charlstm.net import CharLSTM, encode_inputs
 
 
 @pytest.mark.parametrize("encoding", ["normalized", "onehot", "embedding"])

@@ -7,15 +7,13 @@ import math
 import pytest
 import torch
 
-from charlstm.data import encode_inputs
 from charlstm.errors import ConfigError, VocabError
-from charlstm.model import CharLSTM
+from charlstm.net import ENCODINGS, CharLSTM, encode_inputs
 from charlstm.sampling import Generator, _Noise, _Sampler, filter_logits
 from charlstm.vocab import CharVocab
 
 VOCAB = CharVocab(list("\n !',.:;?abcdefghijklmnopqrstuvwxyz"))
 SEQ_LEN = 8
-ENCODINGS = ("normalized", "onehot", "embedding")
 
 
 def make_generator(encoding: str = "normalized", units: int = 24, layers: int = 2, memory: float = 3.0) -> Generator:

@@ -16,9 +16,8 @@ from typing import Any
 
 import torch
 
-from charlstm.data import ENCODINGS
 from charlstm.errors import CheckpointError
-from charlstm.model import CharLSTM
+from charlstm.net import ENCODINGS, CharLSTM
 
 REQUIRED_HPARAMS = ("vocab", "encoding", "units", "layers", "seq_len")
 NET_PREFIX = "net."

@@ -24,6 +24,7 @@ FRACTION_OPEN = ("float", lambda v: 0 < v < 1, "a number with 0 < value < 1")
 DROPOUT = ("float", lambda v: 0 <= v < 1, "a number with 0 <= value < 1")
 PRECISIONS = (
     "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", 32, 16, 64, "32", "16", "64", "bf16",
+    "auto",
 )  # fmt: skip
 STRATEGIES = (
     "auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_true",

@@ -7,33 +7,17 @@ import math
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from charlstm.corpus import load_text, play_names, play_text
 from charlstm.errors import ConfigError, CorpusError
+from charlstm.net import ENCODINGS, encode_inputs
 from charlstm.vocab import CharVocab
 
-ENCODINGS = ("normalized", "onehot", "embedding")
 LAYOUTS = ("windows", "streams")
 TARGETS = ("last", "all")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def encode_inputs(ids: torch.Tensor, encoding: str, vocab_size: int) -> torch.Tensor:
-    """Model inputs for integer ids of shape (..., T). Shared by training, evaluation and generation.
-
-    normalized: id / vocab_size as one float feature, shape (..., T, 1) (the tutorial's input);
-    onehot: shape (..., T, vocab_size); embedding: the int64 ids themselves, for the model's embedding layer.
-    """
-    if encoding == "normalized":
-        return (ids.to(torch.float32) / vocab_size).unsqueeze(-1)
-    if encoding == "onehot":
-        return F.one_hot(ids.long(), vocab_size).to(torch.float32)
-    if encoding == "embedding":
-        return ids.long()
-    raise ConfigError(f"encoding={encoding!r} is not allowed; use one of {', '.join(ENCODINGS)}")
 
 
 def _as_batch(batch: Batch) -> Batch:

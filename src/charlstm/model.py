@@ -1,65 +1,24 @@
-"""CharLSTM (a plain nn.Module) and CharLSTMModule, the LightningModule that trains it."""
+"""CharLSTMModule, the LightningModule that trains a CharLSTM (charlstm.net)."""
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from charlstm.data import ENCODINGS, LAYOUTS
+from charlstm.data import LAYOUTS
 from charlstm.errors import ConfigError, DivergenceError
+from charlstm.net import CharLSTM, State
 
-State = tuple[torch.Tensor, torch.Tensor]
 LN2 = math.log(2.0)
-
-
-class CharLSTM(nn.Module):
-    """Input layer for the encoding -> stacked nn.LSTM (dropout between layers) -> dropout -> linear logits.
-
-    Dropout sits on the input (``input_dropout``), between LSTM layers (``dropout``) and after the last one
-    (``output_dropout``, default: the same as ``dropout``).
-
-    With ``encoding='normalized'``, ``layers=2``, ``dropout=0.2`` this is the tutorial's
-    LSTM -> Dropout -> LSTM -> Dropout -> Dense; the softmax lives in the loss (cross-entropy on logits).
-    """
-
-    def __init__(
-        self,
-        vocab_size: int,
-        units: int = 300,
-        layers: int = 2,
-        dropout: float = 0.2,
-        encoding: str = "normalized",
-        embed_dim: int = 64,
-        input_dropout: float = 0.0,
-        output_dropout: float | None = None,
-    ) -> None:
-        super().__init__()
-        if encoding not in ENCODINGS:
-            raise ConfigError(f"model.encoding={encoding!r} is not allowed; use one of {', '.join(ENCODINGS)}")
-        self.vocab_size, self.units, self.layers, self.encoding = vocab_size, units, layers, encoding
-        self.embed = nn.Embedding(vocab_size, embed_dim) if encoding == "embedding" else None
-        input_size = {"normalized": 1, "onehot": vocab_size, "embedding": embed_dim}[encoding]
-        self.input_drop = nn.Dropout(input_dropout)
-        self.lstm = nn.LSTM(input_size, units, num_layers=layers, dropout=dropout if layers > 1 else 0.0,
-                            batch_first=True)  # fmt: skip
-        self.drop = nn.Dropout(dropout if output_dropout is None else output_dropout)
-        self.head = nn.Linear(units, vocab_size)
-
-    def forward(
-        self, x: torch.Tensor, state: State | None = None, last_only: bool = False
-    ) -> tuple[torch.Tensor, State]:
-        """Logits (B, T, V) — or (B, V) for the last position only — and the final (h, c)."""
-        if self.embed is not None:
-            x = self.embed(x)
-        out, state = self.lstm(self.input_drop(x), state)
-        if last_only:
-            out = out[:, -1]
-        return self.head(self.drop(out)), state
+log = logging.getLogger(__name__)
+CLOCK_KEY = "charlstm_train_clock"  # where a checkpoint keeps the schedule's elapsed training seconds
 
 
 class CharLSTMModule(pl.LightningModule):
@@ -84,6 +43,7 @@ class CharLSTMModule(pl.LightningModule):
         weight_decay: float = 0.0,
         scheduler: str = "none",
         warmup_steps: int = 0,
+        warmup_fraction: float = 0.0,
         min_lr_ratio: float = 0.0,
         plateau_factor: float = 0.5,
         plateau_patience: int = 2,
@@ -96,6 +56,8 @@ class CharLSTMModule(pl.LightningModule):
             raise ConfigError(f"model.optimizer={optimizer!r} is not allowed; use 'adam' or 'adamw'")
         if scheduler not in ("none", "plateau", "cosine"):
             raise ConfigError(f"model.scheduler={scheduler!r} is not allowed; use 'none', 'plateau' or 'cosine'")
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ConfigError(f"model.warmup_fraction={warmup_fraction!r} is not allowed; use a number in [0, 1)")
         if layout not in LAYOUTS:
             raise ConfigError(f"layout={layout!r} is not allowed; use 'windows' or 'streams'")
         self.save_hyperparameters()
@@ -104,6 +66,7 @@ class CharLSTMModule(pl.LightningModule):
         self.register_buffer("best_val_loss", torch.tensor(float("inf")))
         self._val_sum = torch.zeros(())
         self._val_count = torch.zeros(())
+        self.clock: TrainClock | None = None  # set when trainer.max_time bounds the run (time schedule)
 
     def forward(self, x: torch.Tensor, state: State | None = None, last_only: bool = False):
         return self.net(x, state, last_only)
@@ -187,14 +150,75 @@ class CharLSTMModule(pl.LightningModule):
                 "optimizer": opt,
                 "lr_scheduler": {"scheduler": sched, "monitor": "val/loss", "interval": "epoch"},
             }
-        if hp.scheduler == "cosine" or hp.warmup_steps > 0:
-            total = max(1, int(self.trainer.estimated_stepping_batches))
-            warmup, floor, cosine = hp.warmup_steps, hp.min_lr_ratio, hp.scheduler == "cosine"
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warmup, floor, cosine))
+        if hp.scheduler == "cosine" or hp.warmup_steps > 0 or hp.warmup_fraction > 0:
+            floor, cosine = hp.min_lr_ratio, hp.scheduler == "cosine"
+            budget = self._time_budget()
+            if budget is not None:
+                # A time budget: warm-up and decay follow training seconds, so any machine ends at the floor.
+                self.clock = self.clock or TrainClock(budget)
+                self.clock.budget = budget
+                # max_steps / max_epochs may still end the run first: the schedule follows whichever is nearer.
+                total = float(self.trainer.estimated_stepping_batches)
+                warm, warm_steps = hp.warmup_fraction, hp.warmup_steps
+                sched = torch.optim.lr_scheduler.LambdaLR(
+                    opt, lambda step: self.clock.factor(warm, floor, cosine, step, warm_steps, total)
+                )
+            else:
+                if not math.isfinite(self.trainer.estimated_stepping_batches):
+                    raise ConfigError(
+                        f"model.scheduler={hp.scheduler} with warm-up or decay needs the run's length; set "
+                        "trainer.max_time, trainer.max_steps or trainer.max_epochs"
+                    )
+                total = max(1, int(self.trainer.estimated_stepping_batches))
+                warmup = hp.warmup_steps or round(hp.warmup_fraction * total)
+                sched = torch.optim.lr_scheduler.LambdaLR(
+                    opt, lambda step: lr_factor(step, total, warmup, floor, cosine)
+                )
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return opt
 
+    def _time_budget(self) -> float | None:
+        """Seconds of ``trainer.max_time`` (None when the run is bounded by steps or epochs only)."""
+        from pytorch_lightning.callbacks import Timer
+
+        timer = next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
+        if timer is None or timer.time_remaining() is None:
+            return None
+        return timer.time_elapsed() + timer.time_remaining()
+
+    def _wall_elapsed(self) -> float | None:
+        from pytorch_lightning.callbacks import Timer
+
+        timer = next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
+        return None if timer is None else timer.time_elapsed()
+
+    # -- the time schedule's clock: a training stretch starts at a batch, validation pauses it ------------------
+    def on_validation_start(self) -> None:
+        if self.clock is not None:
+            self.clock.pause()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.clock is not None and not self.clock.running:
+            self.clock.resume_training(self._wall_elapsed())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.clock is not None:
+            checkpoint[CLOCK_KEY] = self.clock.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if CLOCK_KEY in checkpoint:
+            self.clock = TrainClock(0.0)
+            self.clock.load_state_dict(checkpoint[CLOCK_KEY])
+
     def on_train_end(self) -> None:
+        if self.clock is not None:
+            self.clock.pause()
+        opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
+        if isinstance(opt, torch.optim.Optimizer) and self.trainer.is_global_zero:
+            lr = opt.param_groups[0]["lr"]
+            trained = f" after {self.clock.train_s:.1f} s of training (validation excluded)" if self.clock else ""
+            log.info("learning rate at the end: %.3g (%.3f x its peak %.3g)%s", lr, lr / self.hparams.lr,
+                     self.hparams.lr, trained)  # fmt: skip
         # Makes the HParams tab of TensorBoard compare runs by their best validation bits/char.
         from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -212,3 +236,77 @@ def lr_factor(step: int, total: int, warmup: int, floor: float, cosine: bool) ->
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class TrainClock:
+    """Training seconds (validation excluded) and the schedule's progress through a time budget.
+
+    The budget is wall time (Lightning's ``max_time`` counts validation too), so the training seconds it will
+    hold are projected from the share of wall time spent training so far: ``horizon = budget x train / wall``,
+    re-estimated whenever training resumes (after each validation). The learning rate then depends on training
+    seconds only: a validation pause does not move it, and the run ends with progress 1, annealed at the floor.
+    """
+
+    def __init__(self, budget: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.budget, self.clock = budget, clock
+        self.train_s = 0.0  # training seconds before the current stretch (restored on resume)
+        self.horizon = budget  # training seconds the budget is expected to hold
+        self._since: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._since is not None
+
+    def elapsed(self) -> float:
+        """Training seconds so far, the current stretch included."""
+        return self.train_s + (self.clock() - self._since if self._since is not None else 0.0)
+
+    def pause(self) -> None:
+        if self._since is not None:
+            self.train_s += self.clock() - self._since
+            self._since = None
+
+    def resume_training(self, wall_elapsed: float | None = None) -> None:
+        """Start a training stretch; ``wall_elapsed`` (the budget's wall seconds so far) refines the horizon."""
+        if wall_elapsed is not None and wall_elapsed > 0 and self.train_s > 0:
+            self.horizon = self.budget * min(1.0, self.train_s / wall_elapsed)
+        if self._since is None:
+            self._since = self.clock()
+
+    def progress(self) -> float:
+        return min(1.0, self.elapsed() / max(self.horizon, 1e-9))
+
+    def factor(
+        self,
+        warmup_fraction: float,
+        floor: float,
+        cosine: bool,
+        step: int = 0,
+        warmup_steps: int = 0,
+        total_steps: float = math.inf,
+    ) -> float:
+        """The learning-rate factor now: linear warm-up over ``warmup_fraction`` of the horizon, then (cosine) decay
+        to ``floor`` at its end; ``warmup_steps`` (a recipe without a fraction) ramps the first optimizer steps.
+        When a step limit (``total_steps``) would end the run before the budget, progress follows the steps."""
+        progress = self.progress()
+        if math.isfinite(total_steps) and total_steps > 0:
+            progress = max(progress, min(1.0, step / total_steps))
+        ramp = min(1.0, (step + 1) / warmup_steps) if warmup_steps and not warmup_fraction else 1.0
+        return ramp * time_factor(progress, warmup_fraction, floor, cosine)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"train_s": float(self.elapsed()), "horizon": float(self.horizon)}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.train_s, self.horizon, self._since = float(state["train_s"]), float(state["horizon"]), None
+
+
+def time_factor(progress: float, warmup: float, floor: float, cosine: bool) -> float:
+    """Learning-rate factor at ``progress`` in [0, 1] of the run: linear warm-up over the first ``warmup`` of it,
+    then constant or cosine decay from 1 to ``floor`` at progress 1."""
+    if warmup and progress < warmup:
+        return max(progress / warmup, 1e-3)
+    if not cosine:
+        return 1.0
+    p = min(1.0, (progress - warmup) / max(1e-9, 1.0 - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))

@@ -13,9 +13,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from charlstm import checkpoint
-from charlstm.data import encode_inputs
 from charlstm.errors import ConfigError, VocabError
-from charlstm.model import CharLSTM
+from charlstm.net import CharLSTM, encode_inputs
 from charlstm.vocab import CharVocab
 
 MODES = ("stateful", "window")

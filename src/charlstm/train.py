@@ -31,6 +31,7 @@ from charlstm.errors import (
     exit_on_error,
     process_rank,
 )
+from charlstm.hardware import resolve_precision
 from charlstm.logs import quiet_known_warnings, route_library_logs
 from charlstm.progress import FinalValidation, ValidationLog
 from charlstm.reliability import AtomicCheckpointIO, LastCheckpoint, ensure_last_checkpoint
@@ -372,6 +373,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     loggers = instantiate_loggers(cfg.get("logger"), purge_step=step if ckpt is not None else None)
     if not loggers:  # logger=none: nothing to monitor the learning rate into (Lightning would refuse to start)
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    with open_dict(cfg):  # `auto`: bf16-mixed where the CPU has native bf16, else 32-true (one log line)
+        cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     trainer = build_trainer(cfg, callbacks, loggers)
 
     if trainer.is_global_zero:
