@@ -82,7 +82,10 @@ def test_every_trainer_config_composes(option):
     cfg = compose_cfg("train", [f"trainer={option}"])
     assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
     if cfg.trainer.accelerator == "cpu":
+        from charlstm.hardware import resolve_precision
+
         cfg.trainer.default_root_dir = "."
+        cfg.trainer.precision = resolve_precision(cfg.trainer.precision, "cpu")
         instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
 
 
