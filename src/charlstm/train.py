@@ -395,6 +395,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     except Exception as exc:  # a bug or a library failure: say where the last good state is
         raise failed_error(exc, trainer, last, out) from exc
 
+    if "val/bpc" not in trainer.callback_metrics and trainer.enable_validation and trainer.global_step > 0:
+        # no validation fell inside the run (e.g. check_val_every_n_epoch beyond max_epochs): score it once now
+        trainer.validate(model, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer,
                "callbacks": callbacks, "loggers": loggers, "output_dir": out}  # fmt: skip
