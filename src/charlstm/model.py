@@ -135,6 +135,7 @@ class CharLSTMModule(pl.LightningModule):
                 "Lower model.lr or set trainer.gradient_clip_val"
             )
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.numel())
+        self.log("train/bpc", loss.detach() / LN2, on_step=True, on_epoch=True, batch_size=y.numel())
         return loss
 
     # -- validation: every char from the seq_len chars before it --------------------------------
@@ -193,15 +194,6 @@ class CharLSTMModule(pl.LightningModule):
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warmup, floor, cosine))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return opt
-
-    def on_train_end(self) -> None:
-        # Makes the HParams tab of TensorBoard compare runs by their best validation bits/char.
-        from pytorch_lightning.loggers import TensorBoardLogger
-
-        params = {k: v for k, v in self.hparams.items() if k != "vocab"} | {"vocab_size": len(self.hparams.vocab)}
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger) and torch.isfinite(self.best_val_loss):
-                logger.log_hyperparams(params, {"hp/val_bpc_best": float(self.best_val_loss / LN2)})
 
 
 def lr_factor(step: int, total: int, warmup: int, floor: float, cosine: bool) -> float:

@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import Checkpoint, LearningRateMonitor, ModelCh
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from charlstm import checkpoint
+from charlstm.callbacks import ConfigHParams
 from charlstm.config import validate_train
 from charlstm.errors import (
     CharLSTMError,
@@ -217,6 +218,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         check_resume_compatible(ckpt_path, ckpt, model)
     out = Path(cfg.paths.output_dir)
     callbacks = instantiate_named(cfg.get("callbacks"))
+    for cb in callbacks:
+        if isinstance(cb, ConfigHParams):
+            cb.config = cfg  # the whole run config goes into TensorBoard's HParams tab
     if cfg.trainer.get("enable_checkpointing", True):
         last = ensure_last_checkpoint(callbacks, out / "checkpoints")
     else:
