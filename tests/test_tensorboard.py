@@ -160,3 +160,15 @@ def test_every_sweep_job_has_its_config_and_experiment_in_hparams(tmp_path, data
         seen.append(hp["model.units"])
         assert "hp/val_bpc_best" in events(logdir).Tags()["scalars"]
     assert sorted(seen) == [8, 12]
+
+
+def test_a_resumed_run_keeps_one_entry_and_its_training_time(make_cfg, tmp_path):
+    first, _ = train(make_cfg(*QUIET))
+    logdir = tmp_path / "run" / "tensorboard"
+    before = events(logdir).Scalars("hp/train_seconds")[-1].value
+    resumed, _ = train(make_cfg(*QUIET, "trainer.max_epochs=2", "ckpt_path=last"))
+    assert len(list(logdir.glob("events.out.tfevents.*"))) == 2
+    session_hparams(logdir)  # exactly one entry
+    acc = events(logdir)
+    assert [s.value for s in acc.Scalars("hp/val_bpc")] == pytest.approx([first["val/bpc"], resumed["val/bpc"]])
+    assert acc.Scalars("hp/train_seconds")[-1].value > before > 0

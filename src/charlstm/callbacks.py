@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -137,8 +138,9 @@ class ConfigHParams(Callback):
     ``hp/val_bpc_best``, ``hp/val_bpc`` (the latest validation) and ``hp/train_seconds`` as its metrics.
 
     The entry is written when training starts (so a running or interrupted run is listed too) and its metrics are
-    scalars updated at every validation and at the end; training time carries over a resume. ``train()`` hands
-    over the config (``config``); without it the model's hyperparameters are used, under ``model.``.
+    scalars updated at every validation and at the end. A run resumed in its own folder keeps the entry it started
+    with (TensorBoard would show the first one anyway) and its training time carries over. ``train()`` hands over
+    the config (``config``); without it the model's hyperparameters are used, under ``model.``.
     """
 
     METRICS = ("hp/val_bpc_best", "hp/val_bpc", "hp/train_seconds")
@@ -165,9 +167,16 @@ class ConfigHParams(Callback):
     def seconds(self) -> float:
         return self._seconds_before + (time.monotonic() - self._started if self._started is not None else 0.0)
 
+    @staticmethod
+    def resumes_in_place(logger: TensorBoardLogger) -> bool:
+        """Whether the logger's folder holds event files of an earlier process: the run this one resumes."""
+        writer = logger.experiment._get_file_writer()
+        own = Path(getattr(writer.event_writer, "_file_name", "")).name
+        return any(p.name != own for p in Path(writer.get_logdir()).glob("events.out.tfevents.*"))
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.monotonic()
-        loggers = _tensorboards(trainer)
+        loggers = [lg for lg in _tensorboards(trainer) if not self.resumes_in_place(lg)]
         if not loggers:
             return
         from torch.utils.tensorboard.summary import hparams
@@ -185,8 +194,10 @@ class ConfigHParams(Callback):
             for name, key in (("hp/val_bpc", "val/bpc"), ("hp/val_bpc_best", "val/bpc_best")):
                 if key in found:
                     metrics[name] = float(found[key])
+        # the step Lightning logs val/* at (as its own LearningRateMonitor does), so a resume's purge_step keeps them
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in _tensorboards(trainer):
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=step)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and self._started is not None:
