@@ -54,6 +54,16 @@ def test_own_validation_text_matches_the_runs_val_bpc(trained):
     assert math.isclose(score.perplexity, math.exp(score.nats_per_char), rel_tol=1e-9)
 
 
+def test_windows_run_reproduces_a_subsampled_validation(make_cfg, tmp_path):
+    metrics, objects = train(make_cfg(*RUN[len(TINY) :], "data.val_max_windows=40"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    same = evaluate(eval_cfg(f"ckpt={ckpt}", "windows=run"))
+    assert abs(same.bits_per_char - metrics["val/bpc"]) < 1e-4
+    assert same.chars == len(objects["datamodule"].val_dataset()) <= 40
+    every = evaluate(eval_cfg(f"ckpt={ckpt}"))
+    assert every.chars == len(objects["datamodule"].val_ids) - 20 > same.chars
+
+
 def test_ckpt_last_finds_the_newest_run(trained):
     score = evaluate(eval_cfg("ckpt=last", f"outputs_root={trained['root']}"))
     assert abs(score.bits_per_char - trained["val_bpc"]) < 1e-4
@@ -112,7 +122,7 @@ def test_checkpoint_without_run_folder_needs_data(trained, tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("unknown=drop", "unknown"), ("device=tpu", "device"), ("batch_size=0", "batch_size")],
+    [("unknown=drop", "unknown"), ("device=tpu", "device"), ("batch_size=0", "batch_size"), ("windows=a", "windows")],
 )
 def test_bad_settings_name_the_key(trained, override, key):
     with pytest.raises(ConfigError, match=rf"^{key}="):

@@ -31,6 +31,7 @@ EVAL_RULES: dict[str, Rule] = {
     "unknown": ("choice", ("error", "skip"), "error or skip"),
     "device": ("choice", ("cpu", "gpu", "auto"), "cpu, gpu or auto"),
     "batch_size": ("int", lambda v: v >= 1, "an integer >= 1"),
+    "windows": ("choice", ("all", "run"), "all (every validation char) or run (the run's own subsample)"),
     **{k: v for k, v in TRAIN_RULES.items() if k.startswith("data.") and k != "data.encoding"},
 }
 LN2 = math.log(2.0)
@@ -79,10 +80,11 @@ def score_windows(
     return float(total), count
 
 
-def own_validation(path: Path, hp: dict[str, Any]) -> tuple[Any, int, str]:
+def own_validation(path: Path, hp: dict[str, Any], windows: str = "all") -> tuple[Any, int, str]:
     """The validation windows of the run the checkpoint comes from, rebuilt from its saved config.yaml.
 
-    Every validation char is scored, even where the run's validation subsampled (``val_max_windows``).
+    ``windows=all`` scores every validation char, even where the run's validation took an even subsample
+    (``data.val_max_windows``); ``windows=run`` takes the same subsample, to reproduce the run's logged val/bpc.
     """
     from charlstm.data import CharDataModule
     from charlstm.train import run_folder_of
@@ -100,7 +102,9 @@ def own_validation(path: Path, hp: dict[str, Any]) -> tuple[Any, int, str]:
     accepted = inspect.signature(CharDataModule).parameters
     settings = {k: v for k, v in saved.items() if k in accepted}
     # The checkpoint's vocabulary and case, so ids mean what they meant in training.
-    settings.update(vocab=list(hp["vocab"]), lowercase=hp.get("lowercase", True), val_max_windows=None)
+    settings.update(vocab=list(hp["vocab"]), lowercase=hp.get("lowercase", True))
+    if windows == "all":
+        settings["val_max_windows"] = None
     dm = CharDataModule(**settings)
     dm.load()
     return dm.val_dataset(), int(dm.val_context), f"validation text of {run}"
@@ -136,7 +140,7 @@ def evaluate(cfg: DictConfig) -> Score:
 
     skipped = 0
     if cfg.get("data") is None:
-        dataset, context, where = own_validation(path, hp)
+        dataset, context, where = own_validation(path, hp, cfg.windows)
     else:
         from charlstm.data import WindowDataset
 
