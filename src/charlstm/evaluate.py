@@ -105,6 +105,8 @@ def own_validation(path: Path, hp: dict[str, Any], windows: str = "all") -> tupl
     settings.update(vocab=list(hp["vocab"]), lowercase=hp.get("lowercase", True))
     if windows == "all":
         settings["val_max_windows"] = None
+    if "extra_plays" in accepted:
+        settings["extra_plays"] = None  # more training text only: the validation split is the main text's tail
     dm = CharDataModule(**settings)
     dm.load()
     return dm.val_dataset(), int(dm.val_context), f"validation text of {run}"
