@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import open_dict
 
 from charlstm.errors import ConfigError, VocabError
-from charlstm.evaluate import evaluate
+from charlstm.evaluate import dataset_batches, evaluate, text_batches
 from charlstm.train import train
 from tests.conftest import ROOT, TINY, compose_cfg
 
@@ -43,6 +44,20 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
 
 def eval_cfg(*overrides: str):
     return compose_cfg("eval", list(overrides))
+
+
+def test_text_batches_predict_every_char_from_the_chars_before_it():
+    ids = torch.arange(100, 111, dtype=torch.uint8)
+    batches = list(text_batches(ids, 3, 4))
+    assert [len(y) for _, y in batches] == [4, 4]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    assert y.tolist() == list(range(103, 111)) and y.dtype == torch.long
+    assert x.tolist() == [[t - 3, t - 2, t - 1] for t in range(103, 111)]
+    # a dataset without batch gathering gives the same batches item by item
+    plain = [(row, target) for row, target in zip(x, y, strict=True)]
+    again = list(dataset_batches(plain, 4))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(again, batches, strict=True))
 
 
 def test_own_validation_text_matches_the_runs_val_bpc(trained):

@@ -7,6 +7,7 @@ import inspect
 import json
 import math
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -60,19 +61,40 @@ class Score:
         )
 
 
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def dataset_batches(dataset: Any, batch_size: int) -> Iterator[Batch]:
+    """Consecutive batches of a windows dataset (inputs ``(B, T)``, next-char targets ``(B,)``), in order."""
+    for start in range(0, len(dataset), batch_size):
+        indices = list(range(start, min(start + batch_size, len(dataset))))
+        if hasattr(dataset, "__getitems__"):  # one gather per batch
+            yield dataset.__getitems__(indices)
+        else:
+            xs, ys = zip(*(dataset[i] for i in indices), strict=True)
+            yield torch.stack(xs), torch.stack(ys)
+
+
+def text_batches(ids: torch.Tensor, context: int, batch_size: int) -> Iterator[Batch]:
+    """Every char after the first ``context`` as a target, with the ``context`` chars before it as input."""
+    offsets = torch.arange(context)
+    for start in range(0, len(ids) - context, batch_size):
+        targets = torch.arange(start + context, min(start + batch_size + context, len(ids)))
+        yield ids[targets[:, None] - context + offsets].long(), ids[targets].long()
+
+
 @torch.no_grad()
-def score_windows(
-    net: torch.nn.Module, dataset: Any, encoding: str, vocab_size: int, batch_size: int, device: torch.device
+def score_batches(
+    net: torch.nn.Module, batches: Iterable[Batch], encoding: str, vocab_size: int, device: torch.device
 ) -> tuple[float, int]:
-    """Summed cross-entropy (nats) of each window's target given the window, and the number of targets.
+    """Summed cross-entropy (nats) of each target given its window, and the number of targets.
 
     The same sum the validation loop takes: fp32 logits per batch, accumulated in float64.
     """
     net = net.to(device=device, dtype=torch.float32).eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    for start in range(0, len(dataset), batch_size):
-        x, y = dataset.__getitems__(list(range(start, min(start + batch_size, len(dataset)))))
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
         logits, _ = net(encode_inputs(x, encoding, vocab_size), last_only=True)
         total += F.cross_entropy(logits.float(), y, reduction="sum").double()
@@ -143,9 +165,8 @@ def evaluate(cfg: DictConfig) -> Score:
     skipped = 0
     if cfg.get("data") is None:
         dataset, context, where = own_validation(path, hp, cfg.windows)
+        batches = dataset_batches(dataset, cfg.batch_size)
     else:
-        from charlstm.data import WindowDataset
-
         ids, skipped, where = read_text(cfg.data, hp, cfg.unknown)
         context = int(cfg.data.get("val_context") or hp["seq_len"])
         if len(ids) < context + 1:
@@ -153,8 +174,8 @@ def evaluate(cfg: DictConfig) -> Score:
                 f"{where} has {len(ids)} usable chars, too few to predict one from data.val_context={context} "
                 "chars before it; pass a longer text or a smaller data.val_context"
             )
-        dataset = WindowDataset(ids, context, 1, "last")
-    total, count = score_windows(net, dataset, hp["encoding"], len(hp["vocab"]), cfg.batch_size, device)
+        batches = text_batches(ids, context, cfg.batch_size)
+    total, count = score_batches(net, batches, hp["encoding"], len(hp["vocab"]), device)
     if count == 0:
         raise CorpusError(f"{where} has no char to score after its first {context}; pass a longer text")
     nats = total / count
