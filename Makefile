@@ -11,7 +11,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train generate test lint format tensorboard sweep bench clean
+.PHONY: help install train generate eval test lint format tensorboard sweep bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ train: install ## train the default model on Macbeth (CPU, about 10 minutes)
 
 generate: install ## generate text from the newest run's last.ckpt
 	$(PY) generate.py ckpt=last $(ARGS)
+
+eval: install ## bits/char of the newest run's last.ckpt on its validation text (ARGS='data=file data.path=X')
+	$(PY) eval.py ckpt=last $(ARGS)
 
 test: install ## run the test suite
 	$(PY) -m pytest -q $(ARGS)

@@ -1,11 +1,17 @@
 """Callbacks Lightning lacks: TextSample writes a generated sample to TensorBoard's Text tab and the console at
-each validation, so a run shows the model learning to write."""
+each validation, so a run shows the model learning to write; ConfigHParams, LearningRate and ScalarLayout make
+TensorBoard's HParams, Scalars and Custom Scalars tabs read well."""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -96,3 +102,195 @@ class TextSample(Callback):
                 logger.experiment.add_text(self.tag, as_markdown(text), global_step=step)
         if self.console:
             pl_module.print(f"sample at epoch {trainer.current_epoch}, step {step}:\n{text}")
+
+
+# -- TensorBoard dashboards --------------------------------------------------------------------------------------
+def _tensorboards(trainer: pl.Trainer) -> list[TensorBoardLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)] if trainer.is_global_zero else []
+
+
+def _hparam_value(value: Any) -> str | int | float:
+    """TensorBoard's HParams take numbers and strings: null, booleans and lists are written as their YAML/JSON text."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return json.dumps(list(value), ensure_ascii=False, default=str)
+    return str(value)
+
+
+def flatten_config(cfg: DictConfig | dict[str, Any]) -> dict[str, str | int | float]:
+    """``{"data.seq_len": 50, "model.units": 300, "trainer.max_steps": -1, "seed": 1234, ...}``: every leaf of the
+    (resolved, where possible) config under its dotted key; Hydra's ``_target_``-style keys are left out."""
+    if isinstance(cfg, DictConfig):
+        try:
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        except OmegaConfBaseException:  # an interpolation only a Hydra run can resolve: keep it as written
+            cfg = OmegaConf.to_container(cfg, resolve=False)
+    flat: dict[str, str | int | float] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if str(key).startswith("_") and str(key).endswith("_"):
+                continue
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and value:
+                walk(value, f"{name}.")
+            else:
+                flat[name] = _hparam_value(value if value != {} else None)
+
+    walk(cfg, "")
+    return flat
+
+
+def hydra_choices() -> dict[str, str]:
+    """The config groups this Hydra run picked (``experiment``, ``debug``, ...); empty outside a Hydra run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return {}
+        choices = HydraConfig.get().runtime.choices
+    except (ImportError, ValueError):
+        return {}
+    return {k: str(v) for k, v in choices.items() if v is not None and not k.startswith("hydra/")}
+
+
+class ConfigHParams(Callback):
+    """The whole resolved run config, flattened, in TensorBoard's HParams tab, one entry per run, with the run's
+    ``hp/val_bpc_best``, ``hp/val_bpc`` (the latest validation) and ``hp/train_seconds`` as its metrics.
+
+    The entry is written when training starts (so a running or interrupted run is listed too) and its metrics are
+    scalars updated at every validation and at the end. A run resumed in its own folder keeps the entry it started
+    with (TensorBoard would show the first one anyway) and its training time carries over. ``train()`` hands over
+    the config (``config``); without it the model's hyperparameters are used, under ``model.``.
+    """
+
+    METRICS = ("hp/val_bpc_best", "hp/val_bpc", "hp/train_seconds")
+
+    def __init__(self, config: DictConfig | dict[str, Any] | None = None) -> None:
+        self.config = config
+        self._seconds_before = 0.0  # training time of the runs this one resumes
+        self._started: float | None = None
+
+    def params(self, pl_module: pl.LightningModule) -> dict[str, str | int | float]:
+        if self.config is not None:
+            flat = flatten_config(self.config)
+        else:
+            hp = {k: v for k, v in pl_module.hparams.items() if k != "vocab"}
+            flat = {f"model.{k}": _hparam_value(v) for k, v in hp.items()}
+        for group in ("experiment", "debug", "hparams_search"):
+            choice = hydra_choices().get(group)
+            if choice is not None and group not in flat:
+                flat[group] = choice
+        if "vocab" in pl_module.hparams:
+            flat["vocab_size"] = len(pl_module.hparams["vocab"])
+        return flat
+
+    def seconds(self) -> float:
+        return self._seconds_before + (time.monotonic() - self._started if self._started is not None else 0.0)
+
+    @staticmethod
+    def resumes_in_place(logger: TensorBoardLogger) -> bool:
+        """Whether the logger's folder holds event files of an earlier process: the run this one resumes."""
+        writer = logger.experiment._get_file_writer()
+        own = Path(getattr(writer.event_writer, "_file_name", "")).name
+        return any(p.name != own for p in Path(writer.get_logdir()).glob("events.out.tfevents.*"))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.monotonic()
+        loggers = [lg for lg in _tensorboards(trainer) if not self.resumes_in_place(lg)]
+        if not loggers:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        experiment, start, _ = hparams(self.params(pl_module), dict.fromkeys(self.METRICS, 0.0))
+        for logger in loggers:
+            writer = logger.experiment._get_file_writer()
+            writer.add_summary(experiment)
+            writer.add_summary(start)
+
+    def _log(self, trainer: pl.Trainer, with_val: bool) -> None:
+        metrics = {"hp/train_seconds": self.seconds()}
+        found = trainer.callback_metrics
+        if with_val:
+            for name, key in (("hp/val_bpc", "val/bpc"), ("hp/val_bpc_best", "val/bpc_best")):
+                if key in found:
+                    metrics[name] = float(found[key])
+        # the step Lightning logs val/* at (as its own LearningRateMonitor does), so a resume's purge_step keeps them
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in _tensorboards(trainer):
+            logger.log_metrics(metrics, step=step)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and self._started is not None:
+            self._log(trainer, with_val=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer, with_val=False)
+        from torch.utils.tensorboard.summary import hparams
+
+        _, _, end = hparams({}, {})
+        for logger in _tensorboards(trainer):
+            logger.experiment._get_file_writer().add_summary(end)
+            logger.experiment.flush()
+
+    def state_dict(self) -> dict[str, float]:
+        return {"train_seconds": self.seconds()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._seconds_before = float(state_dict.get("train_seconds", 0.0))
+
+
+class LearningRate(Callback):
+    """One learning-rate curve per optimizer (``train/lr``; ``train/lr/opt<i>`` for several), where Lightning's
+    LearningRateMonitor draws one identical curve per parameter group. Groups whose rates differ get a curve each
+    (``/pg<j>``). Logged like any metric, every ``trainer.log_every_n_steps`` steps or once per epoch."""
+
+    def __init__(self, logging_interval: str = "step", tag: str = "train/lr") -> None:
+        if logging_interval not in ("step", "epoch"):
+            raise ConfigError(
+                f"callbacks.lr_monitor.logging_interval={logging_interval!r} is not allowed; use step or epoch"
+            )
+        self.logging_interval, self.tag = logging_interval, tag
+
+    def rates(self, trainer: pl.Trainer) -> dict[str, float]:
+        rates = {}
+        many = len(trainer.optimizers) > 1
+        for i, opt in enumerate(trainer.optimizers):
+            name = f"{self.tag}/opt{i}" if many else self.tag
+            lrs = [float(group["lr"]) for group in opt.param_groups]
+            if len(set(lrs)) == 1:
+                rates[name] = lrs[0]
+            else:
+                rates.update({f"{name}/pg{j}": lr for j, lr in enumerate(lrs)})
+        return rates
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        if self.logging_interval == "step":
+            for name, lr in self.rates(trainer).items():
+                pl_module.log(name, lr, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.logging_interval == "epoch":
+            for name, lr in self.rates(trainer).items():
+                pl_module.log(name, lr, on_step=False, on_epoch=True, batch_size=1)
+
+
+class ScalarLayout(Callback):
+    """A custom-scalars layout (TensorBoard's Custom Scalars tab): each chart draws every scalar matching its
+    regular expressions on one set of axes, e.g. training and validation bits/char together."""
+
+    def __init__(self, charts: dict[str, list[str]] | None = None, category: str = "charlstm") -> None:
+        self.charts = {str(k): [str(p) for p in v] for k, v in (charts or {}).items()}
+        self.category = category
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.charts:
+            return
+        layout = {self.category: {title: ["Multiline", patterns] for title, patterns in self.charts.items()}}
+        for logger in _tensorboards(trainer):
+            logger.experiment.add_custom_scalars(layout)

@@ -98,6 +98,7 @@ class CharLSTMModule(pl.LightningModule):
                 "Lower model.lr or set trainer.gradient_clip_val"
             )
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.numel())
+        self.log("train/bpc", loss.detach() / LN2, on_step=True, on_epoch=True, batch_size=y.numel())
         return loss
 
     # -- validation: every char from the seq_len chars before it --------------------------------
@@ -219,13 +220,6 @@ class CharLSTMModule(pl.LightningModule):
             trained = f" after {self.clock.train_s:.1f} s of training (validation excluded)" if self.clock else ""
             log.info("learning rate at the end: %.3g (%.3f x its peak %.3g)%s", lr, lr / self.hparams.lr,
                      self.hparams.lr, trained)  # fmt: skip
-        # Makes the HParams tab of TensorBoard compare runs by their best validation bits/char.
-        from pytorch_lightning.loggers import TensorBoardLogger
-
-        params = {k: v for k, v in self.hparams.items() if k != "vocab"} | {"vocab_size": len(self.hparams.vocab)}
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger) and torch.isfinite(self.best_val_loss):
-                logger.log_hyperparams(params, {"hp/val_bpc_best": float(self.best_val_loss / LN2)})
 
 
 def lr_factor(step: int, total: int, warmup: int, floor: float, cosine: bool) -> float:

@@ -20,7 +20,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from charlstm import checkpoint
-from charlstm.callbacks import check_prompt, sample_prompt
+from charlstm.callbacks import ConfigHParams, check_prompt, sample_prompt
 from charlstm.config import validate_train
 from charlstm.errors import (
     CharLSTMError,
@@ -364,6 +364,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     callbacks += [FinalValidation(), ValidationLog()]
+    for cb in callbacks:
+        if isinstance(cb, ConfigHParams):
+            cb.config = cfg  # the whole run config goes into TensorBoard's HParams tab
     if cfg.trainer.get("enable_checkpointing", True):
         last = ensure_last_checkpoint(callbacks, out / "checkpoints")
     else:

@@ -1,0 +1,203 @@
+"""evaluate(cfg) -> Score: a checkpoint's bits/char on its run's validation text or on any text; run() is the
+Hydra face of ``python eval.py``."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from charlstm import checkpoint
+from charlstm.config import TRAIN_RULES, Rule, check, check_missing
+from charlstm.errors import CharLSTMError, ConfigError, CorpusError, exit_on_error
+from charlstm.generate import pick_device, write_output
+from charlstm.vocab import CharVocab
+
+try:  # the input encoding sits beside the network once it lives in net.py
+    from charlstm.net import encode_inputs
+except ImportError:
+    from charlstm.data import encode_inputs
+
+EVAL_RULES: dict[str, Rule] = {
+    "unknown": ("choice", ("error", "skip"), "error or skip"),
+    "device": ("choice", ("cpu", "gpu", "auto"), "cpu, gpu or auto"),
+    "batch_size": ("int", lambda v: v >= 1, "an integer >= 1"),
+    "windows": ("choice", ("all", "run"), "all (every validation char) or run (the run's own subsample)"),
+    **{k: v for k, v in TRAIN_RULES.items() if k.startswith("data.") and k != "data.encoding"},
+}
+LN2 = math.log(2.0)
+# The corpus settings of a data config; the rest (splits, batches, layout) do not apply to scoring a whole text.
+CORPUS_KEYS = ("source", "play", "path", "sha256", "data_dir", "errors")
+
+
+@dataclass
+class Score:
+    """What eval prints and writes: the mean over ``chars`` predicted chars, each from ``context`` chars before."""
+
+    bits_per_char: float
+    nats_per_char: float
+    perplexity: float
+    chars: int
+    skipped: int
+    context: int
+    checkpoint: str
+    text: str
+
+    def line(self) -> str:
+        skipped = f"   {self.skipped} unknown char(s) skipped" if self.skipped else ""
+        return (
+            f"bits/char {self.bits_per_char:.4f}   nats/char {self.nats_per_char:.4f}   "
+            f"perplexity {self.perplexity:.3f}   chars scored {self.chars}{skipped}"
+        )
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def dataset_batches(dataset: Any, batch_size: int) -> Iterator[Batch]:
+    """Consecutive batches of a windows dataset (inputs ``(B, T)``, next-char targets ``(B,)``), in order."""
+    for start in range(0, len(dataset), batch_size):
+        indices = list(range(start, min(start + batch_size, len(dataset))))
+        if hasattr(dataset, "__getitems__"):  # one gather per batch
+            yield dataset.__getitems__(indices)
+        else:
+            xs, ys = zip(*(dataset[i] for i in indices), strict=True)
+            yield torch.stack(xs), torch.stack(ys)
+
+
+def text_batches(ids: torch.Tensor, context: int, batch_size: int) -> Iterator[Batch]:
+    """Every char after the first ``context`` as a target, with the ``context`` chars before it as input."""
+    offsets = torch.arange(context)
+    for start in range(0, len(ids) - context, batch_size):
+        targets = torch.arange(start + context, min(start + batch_size + context, len(ids)))
+        yield ids[targets[:, None] - context + offsets].long(), ids[targets].long()
+
+
+@torch.no_grad()
+def score_batches(
+    net: torch.nn.Module, batches: Iterable[Batch], encoding: str, vocab_size: int, device: torch.device
+) -> tuple[float, int]:
+    """Summed cross-entropy (nats) of each target given its window, and the number of targets.
+
+    The same sum the validation loop takes: fp32 logits per batch, accumulated in float64.
+    """
+    net = net.to(device=device, dtype=torch.float32).eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        logits, _ = net(encode_inputs(x, encoding, vocab_size), last_only=True)
+        total += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        count += y.numel()
+    return float(total), count
+
+
+def own_validation(path: Path, hp: dict[str, Any], windows: str = "all") -> tuple[Any, int, str]:
+    """The validation windows of the run the checkpoint comes from, rebuilt from its saved config.yaml.
+
+    ``windows=all`` scores every validation char, even where the run's validation took an even subsample
+    (``data.val_max_windows``); ``windows=run`` takes the same subsample, to reproduce the run's logged val/bpc.
+    """
+    from charlstm.data import CharDataModule
+    from charlstm.train import run_folder_of
+
+    run = run_folder_of(path)
+    if run is None:
+        raise ConfigError(
+            f"checkpoint {path} has no run folder (no config.yaml beside its checkpoints/ folder), so its "
+            "validation text is unknown; pass data=file data.path=X to score a text"
+        )
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(run / "config.yaml").data, resolve=True)
+    except (OmegaConfBaseException, OSError) as err:
+        raise ConfigError(f"{run / 'config.yaml'} cannot be read ({type(err).__name__}); pass data=...") from None
+    accepted = inspect.signature(CharDataModule).parameters
+    settings = {k: v for k, v in saved.items() if k in accepted}
+    # The checkpoint's vocabulary and case, so ids mean what they meant in training.
+    settings.update(vocab=list(hp["vocab"]), lowercase=hp.get("lowercase", True))
+    if windows == "all":
+        settings["val_max_windows"] = None
+    if "extra_plays" in accepted:
+        settings["extra_plays"] = None  # more training text only: the validation split is the main text's tail
+    dm = CharDataModule(**settings)
+    dm.load()
+    return dm.val_dataset(), int(dm.val_context), f"validation text of {run}"
+
+
+def read_text(data: DictConfig, hp: dict[str, Any], unknown: str) -> tuple[torch.Tensor, int, str]:
+    """The configured text as the checkpoint's ids (lowercased if it was trained so), and how many chars
+    the vocabulary lacked (dropped with ``unknown=skip``)."""
+    from charlstm.corpus import load_text
+
+    text = load_text(**{k: data.get(k) for k in CORPUS_KEYS if k in data})
+    if hp.get("lowercase", True):
+        text = text.lower()
+    if data.get("max_chars"):
+        text = text[: data.max_chars]
+    ids = CharVocab.from_list(hp["vocab"]).encode(text, unknown=unknown)
+    where = data.get("path") if data.get("source") == "file" else f"play {data.get('play')}"
+    return ids, len(text) - len(ids), str(where)
+
+
+def evaluate(cfg: DictConfig) -> Score:
+    """Score the checkpoint ``ckpt`` as configured (see configs/eval.yaml); writes ``output`` as JSON if set."""
+    check_missing(cfg)
+    check(cfg, EVAL_RULES)
+    if not cfg.get("ckpt"):
+        raise ConfigError("ckpt is not set; pass ckpt=PATH to a .ckpt file or ckpt=last")
+    device = pick_device(cfg.device)
+    path = checkpoint.resolve(str(cfg.ckpt), cfg.get("outputs_root") or "outputs")
+    ckpt = checkpoint.load(path)
+    net = checkpoint.build_net(ckpt, path)
+    hp = ckpt["hyper_parameters"]
+    del ckpt
+
+    skipped = 0
+    if cfg.get("data") is None:
+        dataset, context, where = own_validation(path, hp, cfg.windows)
+        batches = dataset_batches(dataset, cfg.batch_size)
+    else:
+        ids, skipped, where = read_text(cfg.data, hp, cfg.unknown)
+        context = int(cfg.data.get("val_context") or hp["seq_len"])
+        if len(ids) < context + 1:
+            raise CorpusError(
+                f"{where} has {len(ids)} usable chars, too few to predict one from data.val_context={context} "
+                "chars before it; pass a longer text or a smaller data.val_context"
+            )
+        batches = text_batches(ids, context, cfg.batch_size)
+    total, count = score_batches(net, batches, hp["encoding"], len(hp["vocab"]), device)
+    if count == 0:
+        raise CorpusError(f"{where} has no char to score after its first {context}; pass a longer text")
+    nats = total / count
+    score = Score(nats / LN2, nats, math.exp(nats), count, skipped, context, str(path), where)
+    if cfg.get("output"):
+        write_output(str(cfg.output), json.dumps(asdict(score), indent=2) + "\n")
+    return score
+
+
+class EvaluationInterrupted(CharLSTMError):
+    """Ctrl-C stopped scoring; exit status 130, the shell's convention for SIGINT."""
+
+    prefix = "interrupted"
+    exit_code = 130
+
+
+@exit_on_error
+def run(cfg: DictConfig) -> float:
+    """What ``python eval.py`` does: print one line and return bits/char."""
+    try:
+        score = evaluate(cfg)
+    except KeyboardInterrupt:
+        raise EvaluationInterrupted("evaluation stopped by Ctrl-C") from None
+    print(score.line(), file=sys.stdout, flush=True)
+    return score.bits_per_char
