@@ -65,3 +65,14 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, 
         for name, fn in fns.items():
             out[name].add(*timed(fn))
     return out
+
+
+def quiet() -> None:
+    """Benchmark output without the libraries' per-run chatter (device inventory, tips, known warnings)."""
+    import logging
+
+    from charlstm.logs import quiet_known_warnings
+
+    quiet_known_warnings()
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)

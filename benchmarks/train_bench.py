@@ -21,7 +21,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from benchlib import SHARED_NOTE, Samples, machine_line, timed
+from benchlib import SHARED_NOTE, Samples, machine_line, quiet, timed
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
@@ -416,6 +416,7 @@ def main() -> None:
     ap.add_argument("--shared", action="store_true", help="say in the tables that other jobs shared the machine")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    quiet()
     torch.set_num_threads(args.threads)
     only = set(args.only.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
