@@ -8,12 +8,11 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -23,55 +22,9 @@ from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
 from charlstm.errors import CharLSTMError, DivergenceError, TrainingInterrupted
+from charlstm.fileio import TMP_SUFFIX, atomic_write
 
 LAST = "last.ckpt"
-_TMP_SUFFIX = ".tmp"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
-    """Write a file so that readers see the old file or the whole new one, never a part of it.
-
-    ``write`` fills a temporary file in the same folder; it is flushed to disk, then renamed over ``path``
-    (``os.replace`` is atomic on POSIX and Windows). A crash or ``kill -9`` at any moment leaves the old file
-    intact and at most a hidden ``.NAME.*.tmp`` file beside it, which :func:`remove_stale_temporaries` clears.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
@@ -79,7 +32,7 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    stale = [p for p in directory.glob(f".*{_TMP_SUFFIX}") if p.is_file() and ".ckpt." in p.name]
+    stale = [p for p in directory.glob(f".*{TMP_SUFFIX}") if p.is_file() and ".ckpt." in p.name]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
