@@ -50,7 +50,6 @@ sweep: install ## a small sweep: units x seq_len, one folder per job under outpu
 	$(PY) train.py -m model.units=64,128 data.seq_len=50,100 $(ARGS)
 
 bench: install ## the README's performance and quality tables (see benchmarks/)
-	$(PIP) install -q -e ".[dev,bench]"
 	$(PY) benchmarks/train_bench.py $(ARGS)
 	$(PY) benchmarks/generate_speed.py
 

@@ -121,6 +121,9 @@ def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
     """
     import hydra
 
+    from charlstm.rundir import register_resolvers
+
+    register_resolvers()  # run and sweep folders (configs/hydra/default.yaml)
     user_full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Makes Hydra raise instead of printing its multi-line report, so the error can be said in one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"

@@ -6,6 +6,8 @@ import logging
 import os
 import shutil
 import signal
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -429,7 +431,9 @@ def report(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]) 
         names = [n for n in ("last.ckpt" if last else "", best and Path(best.best_model_path).name) if n]
         lines.append(f"checkpoints:  {folder}  ({', '.join(names)})")
     if any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers):
-        lines.append(f"tensorboard:  tensorboard --logdir {out.parent if out.name.isdigit() else out}")
+        job = sweep_job()
+        logdir = job[2] if job is not None and out.parent == job[2] else out  # a sweep: all its jobs side by side
+        lines.append(f"tensorboard:  tensorboard --logdir {logdir}")
     if "val/bpc" in metrics:
         lines.append(
             f"val/bpc:      {metrics['val/bpc']:.4f} (final)   {metrics.get('val/bpc_best', float('nan')):.4f} (best)"
@@ -469,11 +473,84 @@ def hydra_run_dir() -> Path | None:
         return None
 
 
+def sweep_job() -> tuple[int, list[str], Path] | None:
+    """(job number, its overrides, the sweep folder) when this run is a job of a multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return int(hydra_cfg.job.num), list(hydra_cfg.overrides.task), Path(str(hydra_cfg.sweep.dir))
+
+
+def run_result(
+    cfg: DictConfig,
+    state: str,
+    seconds: float,
+    objects: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+    error: BaseException | None = None,
+) -> dict[str, Any]:
+    """What ``result.json`` holds for this run: its swept settings, outcome, numbers and validation curve."""
+    from charlstm.rundir import override_key, swept_overrides
+
+    job = sweep_job()
+    overrides = swept_overrides(hydra_overrides() or [])
+    params = {}
+    for override in overrides:
+        key = override_key(override)
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        params[key] = value if isinstance(value, int | float | str | bool) else override.split("=", 1)[-1]
+    result: dict[str, Any] = {"job": job[0] if job else None, "state": state, "overrides": overrides,
+                              "params": params, "metrics": metrics or {}}  # fmt: skip
+    if objects is not None:
+        trainer, callbacks = objects["trainer"], objects["callbacks"]
+        timer = next((cb for cb in callbacks if isinstance(cb, ConfigHParams)), None)
+        history = next((cb.history for cb in callbacks if isinstance(cb, ValidationLog)), [])
+        result.update(steps=trainer.global_step, train_seconds=timer.seconds() if timer else seconds,
+                      run_dir=str(objects["output_dir"]), history=[list(p) for p in history])  # fmt: skip
+    else:
+        result["train_seconds"] = seconds
+    if error is not None:
+        line = str(error) if isinstance(error, CharLSTMError) else f"{type(error).__name__}: {error}"
+        result["error"] = " ".join(line.split())
+        result["error_type"] = type(error.__cause__ or error).__name__
+    return result
+
+
+def record_failure(cfg: DictConfig, exc: BaseException, folder: Path, seconds: float) -> None:
+    """A failed sweep job: result.json with its one-line error, the line on the console and in train.log."""
+    from charlstm.summary import FAILED, INTERRUPTED, PRUNED, write_result
+
+    interrupted = isinstance(exc, TrainingInterrupted | KeyboardInterrupt)
+    pruned = "TrialPruned" in (type(exc).__name__, type(exc.__cause__).__name__)
+    state = INTERRUPTED if interrupted else PRUNED if pruned else FAILED
+    result = run_result(cfg, state, seconds, error=exc)
+    write_result(folder, result)
+    if not interrupted:
+        if not isinstance(exc, CharLSTMError):
+            log.error("sweep job failed", exc_info=exc, extra={"file_only": True})
+        job = f"job {result['job']} ({' '.join(result['overrides']) or 'no overrides'})"
+        if logging.getLogger().handlers:
+            logging.getLogger("charlstm").error("%s: %s", job, result["error"], extra={"file_only": True})
+        print(f"{'pruned' if pruned else 'error'}: {job}: {result['error']}", file=sys.stderr, flush=True)
+
+
 @exit_on_error
 def run(cfg: DictConfig) -> float | None:
-    """What ``python train.py`` does: train, report, return the optimized metric for sweepers."""
+    """What ``python train.py`` does: train, report, return the optimized metric for sweepers.
+
+    Each run leaves ``result.json`` in its folder. A job of a multirun that fails is recorded there and returns
+    None, so the sweep goes on to the next job (Ctrl-C or SIGTERM still stops the sweep, after a summary of the
+    jobs so far).
+    """
     route_library_logs()
     quiet_known_warnings()
+    started = time.monotonic()
+    folder, job = hydra_run_dir(), sweep_job()
     try:
         try:
             metrics, objects = train(cfg)
@@ -482,11 +559,28 @@ def run(cfg: DictConfig) -> float | None:
         except MisconfigurationException as err:
             # Lightning's own checks of trainer settings: a config mistake like any other.
             raise ConfigError(f"{' '.join(str(err).split())} (a trainer setting, see configs/trainer/)") from None
-    except BaseException:
-        folder = hydra_run_dir()
-        if folder is not None and process_rank() == 0:
+    except BaseException as exc:
+        if folder is None or process_rank() != 0:
+            raise
+        if job is None:
             remove_if_empty(folder, Path(cfg.paths.outputs_root))
+            if folder.is_dir():
+                from charlstm.summary import FAILED, INTERRUPTED, write_result
+
+                state = INTERRUPTED if isinstance(exc, TrainingInterrupted) else FAILED
+                write_result(folder, run_result(cfg, state, time.monotonic() - started, error=exc))
+            raise
+        record_failure(cfg, exc, folder, time.monotonic() - started)
+        if isinstance(exc, Exception) and not isinstance(exc, TrainingInterrupted):
+            return None  # on to the next job
+        from charlstm.summary import summarize
+
+        summarize(job[2], cfg.get("optimized_metric") or "val/bpc_best")  # the jobs so far
         raise
     if objects["trainer"].is_global_zero:
         report(cfg, metrics, objects)
+        if folder is not None:
+            from charlstm.summary import COMPLETE, write_result
+
+            write_result(folder, run_result(cfg, COMPLETE, time.monotonic() - started, objects, metrics))
     return metrics.get(cfg.get("optimized_metric") or "")
