@@ -220,25 +220,33 @@ def state_of(trial: optuna.trial.FrozenTrial) -> str:
     return names.get(trial.state.name, trial.state.name.lower())
 
 
-def rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One row per trial that ran, best first (complete by value, then pruned, failed, interrupted)."""
-    sign = -1.0 if study.direction.name == "MAXIMIZE" else 1.0
-    order = {"complete": 0, "pruned": 1, "failed": 2, "interrupted": 3}
-    out = []
+def summary_rows(study: optuna.Study, sweep_dir: Path) -> list[dict[str, Any]]:
+    """The sweep summary's rows (charlstm.summary): one per trial that ran, from its job's ``result.json``, in the
+    state the study gave it. An interrupted trial is left out: it ran again under a new number."""
+    from charlstm.summary import collect_rows
+
+    by_job = {row["job"]: row for row in collect_rows(sweep_dir) if row.get("job") is not None}
+    rows = []
     for t in study.get_trials(deepcopy=False):
         state = state_of(t)
-        if state not in order:
-            continue  # queued or running: not a result
-        value = t.value if state == "complete" else None
-        out.append({
-            "trial": t.number, "state": state, "value": value, "params": dict(t.params),
-            "overrides": " ".join(override(k, v) for k, v in t.params.items()),
-            "pruned_at_step": t.user_attrs.get(PRUNED_AT), "error": t.user_attrs.get(ERROR),
-            "run_folder": t.user_attrs.get(RUN_FOLDER),
-            "seconds": t.duration.total_seconds() if t.duration is not None else None,
-        })  # fmt: skip
-    out.sort(key=lambda r: (order[r["state"]], sign * r["value"] if r["value"] is not None else 0.0, r["trial"]))
-    return out
+        if state not in ("complete", "pruned", "failed"):
+            continue
+        row = by_job.get(t.number) or {
+            "job": t.number, "overrides": " ".join(override(k, v) for k, v in t.params.items()),
+            "params": dict(t.params), "history": [],
+        }  # fmt: skip
+        row["state"] = state
+        if state == "failed":
+            row["error"] = row.get("error") or t.user_attrs.get(ERROR)
+        if state == "pruned":
+            row["pruned_at_step"] = t.user_attrs.get(PRUNED_AT)
+        rows.append(row)
+    return rows
+
+
+def pruned_at(callbacks: list[Any]) -> int | None:
+    """The step at which the run's pruning callback stopped it (None: not pruned, or not a trial)."""
+    return next((cb.pruned_at for cb in callbacks if isinstance(cb, OptunaPruning) and cb.pruned_at is not None), None)
 
 
 def best_command(study: optuna.Study, fixed: list[str], script: str = "train.py") -> str | None:

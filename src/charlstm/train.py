@@ -580,7 +580,11 @@ def run(cfg: DictConfig) -> float | None:
     if objects["trainer"].is_global_zero:
         report(cfg, metrics, objects)
         if folder is not None:
-            from charlstm.summary import COMPLETE, write_result
+            from charlstm.search import pruned_at
+            from charlstm.summary import COMPLETE, PRUNED, write_result
 
-            write_result(folder, run_result(cfg, COMPLETE, time.monotonic() - started, objects, metrics))
+            # a trial the Optuna pruner stopped ends like any run, recorded as pruned
+            step = pruned_at(objects["callbacks"])
+            result = run_result(cfg, COMPLETE if step is None else PRUNED, time.monotonic() - started, objects, metrics)
+            write_result(folder, result if step is None else {**result, "pruned_at_step": step})
     return metrics.get(cfg.get("optimized_metric") or "")

@@ -81,13 +81,18 @@ class CharLSTMOptunaSweeper(Sweeper):
         study = search.open_study(url, s["study_name"], s["direction"], fixed, s["seed"], s["startup_trials"],
                                   s["pruner"])  # fmt: skip
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        name_jobs_by_params()
         metric = str(self.config.get("optimized_metric") or "value")
         n_trials = int(s["n_trials"])
         log.info("study %s (%s): %d of %d trials done", study.study_name, url, search.counted(study), n_trials)
         returns: list[JobReturn] = []
-        while (done := search.counted(study)) < n_trials:
-            trials = [study.ask(space) for _ in range(max(1, min(int(s["n_jobs"]), n_trials - done)))]
-            returns += self._run(study, trials, fixed, url, metric)
+        try:
+            while (done := search.counted(study)) < n_trials:
+                trials = [study.ask(space) for _ in range(max(1, min(int(s["n_jobs"]), n_trials - done)))]
+                returns += self._run(study, trials, fixed, url, metric)
+        except BaseException:
+            self._report(study, fixed, sweep_dir, metric, final=False)  # the trials so far
+            raise
         self._report(study, fixed, sweep_dir, metric)
         return returns
 
@@ -121,19 +126,23 @@ class CharLSTMOptunaSweeper(Sweeper):
                     self._tell(study, t, None, " ".join(why.split())[:300], metric)
             if interrupted:
                 raise TrainingInterrupted(
-                    f"search stopped during trial(s) {', '.join(map(str, numbers))}; the same command continues the "
-                    "study and runs them again", 143 if code == 143 else 130,
+                    f"search stopped during trial {', '.join(map(str, numbers))}; the same command continues the "
+                    "study and runs it again", 143 if code == 143 else 130,
                 ) from None  # fmt: skip
             return []
         for t, ret in zip(trials, returns, strict=True):
-            folder = ret.hydra_cfg.hydra.runtime.output_dir if ret.hydra_cfg is not None else None
-            if folder:
-                t.set_user_attr(search.RUN_FOLDER, str(folder))
+            value, error = None, None
             if ret.status == JobStatus.COMPLETED:
-                self._tell(study, t, ret.return_value, None, metric)
+                value = ret.return_value
             else:
                 err = ret._return_value
-                self._tell(study, t, None, " ".join(f"{type(err).__name__}: {err}".split())[:300], metric)
+                error = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            if value is None and error is None:  # a failed job records its one-line error in result.json
+                from charlstm.summary import read_result
+
+                folder = ret.hydra_cfg.hydra.runtime.output_dir if ret.hydra_cfg is not None else None
+                error = ((read_result(folder) or {}).get("error") if folder else None) or f"no {metric}"
+            self._tell(study, t, value, error, metric)
         return returns
 
     @staticmethod
@@ -158,20 +167,48 @@ class CharLSTMOptunaSweeper(Sweeper):
         best = study.best_trial
         log.info("trial %d: %s %.4f (best: trial %d, %.4f)", trial.number, metric, value, best.number, best.value)
 
-    def _report(self, study: Any, fixed: list[str], sweep_dir: Path, metric: str) -> None:
+    def _report(self, study: Any, fixed: list[str], sweep_dir: Path, metric: str, final: bool = True) -> None:
+        """The sweep summary (best trial first), the best trial as a command, Optuna's plots."""
         from charlstm import search
+        from charlstm.errors import TrainingFailed
+        from charlstm.summary import markdown_table, rank_rows, write_summary
 
-        rows = search.rows(study)
+        rows = search.summary_rows(study, sweep_dir)
+        if not rows:
+            return
+        direction = study.direction.name.lower()
+        md = write_summary(sweep_dir, rows, metric, direction, failures=())  # failed trials are results too
+        ranked = rank_rows(rows, metric, direction)
         states = [r["state"] for r in rows]
         counts = ", ".join(f"{states.count(s)} {s}" for s in ("complete", "pruned", "failed") if s in states)
-        lines = [f"study {study.study_name}: {len(rows)} trials ({counts or 'none'}) in {sweep_dir}"]
+        lines = [f"\nstudy {study.study_name}: {len(rows)} trials ({counts}), best {metric} first:",
+                 markdown_table(ranked, metric),
+                 f"summary:      {md}  (also summary.csv, summary.png)",
+                 f"tensorboard:  tensorboard --logdir {sweep_dir}"]  # fmt: skip
+        lines += [f"plot:         {line}" for line in search.write_plots(study, sweep_dir)]
         command = search.best_command(study, fixed)
-        if command:
-            best = study.best_trial
-            lines.append(f"best: trial {best.number}, {metric} {best.value:.4f}; train it with the full budget:")
-            lines.append(f"  {command}")
-        lines += [f"plot: {line}" for line in search.write_plots(study, sweep_dir)]
-        log.info("\n".join(lines))
+        if command is None:
+            print("\n".join(lines), flush=True)
+            if not final:
+                return
+            raise TrainingFailed(f"no trial of study {study.study_name} completed ({counts}); see {md}")
+        best = study.best_trial
+        lines += [f"best:         trial {best.number}, {metric} {best.value:.4f}; its settings with the recipe's "
+                  "full budget:", f"  {command}"]  # fmt: skip
+        print("\n".join(lines), flush=True)
+
+
+def name_jobs_by_params() -> None:
+    """Job folders and result.json name a trial by its searched values (charlstm.rundir), without the keys through
+    which the job finds its trial."""
+    import json
+    import os
+
+    from charlstm.rundir import FIXED_ENV
+    from charlstm.search import JOB_KEYS
+
+    keys = json.loads(os.environ.get(FIXED_ENV, "null")) or ["paths"]
+    os.environ[FIXED_ENV] = json.dumps([*keys, *JOB_KEYS])
 
 
 def first_value(dist: Any) -> Any:
