@@ -82,21 +82,22 @@ def search_space(params: dict[str, str], arguments: list[str]) -> tuple[dict[str
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     space = {key: distribution(key, str(text)) for key, text in (params or {}).items()}
-    fixed = []
+    fixed: dict[str, str] = {}  # key -> its override (a key given twice: the last one wins, as in Hydra)
     for arg, parsed in zip(arguments, OverridesParser.create().parse_overrides(arguments), strict=True):
         key = parsed.get_key_element()
         if key in JOB_KEYS:
             raise ConfigError(f"{key} is set by the Optuna sweeper for each trial; remove {arg} from the command")
+        fixed.pop(key, None)
         if parsed.is_sweep_override():
             space[key] = distribution(key, arg.split("=", 1)[1], parsed.value())
         else:
             space.pop(key, None)
-            fixed.append(arg)
+            fixed[key] = arg
     if not space:
         raise ConfigError(
             "the search space is empty: set hydra.sweeper.params or sweep a key, e.g. 'model.units=choice(128,256)'"
         )
-    return space, fixed
+    return space, list(fixed.values())
 
 
 def override(key: str, value: Any) -> str:
