@@ -16,8 +16,9 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from charlstm import search
-from charlstm.errors import ConfigError
+from charlstm.errors import ConfigError, TrainingInterrupted
 from charlstm.train import train
+from hydra_plugins.charlstm_optuna.optuna_sweeper import CharLSTMOptunaSweeper
 from tests.cli import SHRINK, ok, run_cli
 from tests.conftest import compose_cfg
 
@@ -120,8 +121,6 @@ def pruning_cfg(make_cfg, url: str):
 
 
 def test_a_trial_worse_than_the_median_stops_at_that_validation_and_is_told_pruned(tmp_path, make_cfg):
-    from hydra_plugins.charlstm_optuna.optuna_sweeper import CharLSTMOptunaSweeper
-
     study, url = make_study(tmp_path, other_trial_loss=0.01)
     metrics, objects = train(pruning_cfg(make_cfg, url))
     trainer = objects["trainer"]
@@ -223,3 +222,44 @@ def test_hydra_discovers_the_sweeper():
     names = [f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Sweeper)]
     assert "hydra_plugins.charlstm_optuna.optuna_sweeper.CharLSTMOptunaSweeper" in names
     assert "charlstm_optuna.yaml" in ConfigStore.instance().list("hydra/sweeper")
+
+
+class FakeLauncher:
+    """Stands in for Hydra's launcher: each job 'returns' what ``outcomes`` says (a value, or an exception to raise
+    as the launcher would let it through)."""
+
+    def __init__(self, *outcomes):
+        self.outcomes = list(outcomes)
+        self.launched: list[tuple[list[str], int]] = []
+
+    def launch(self, batch, initial_job_idx):
+        from hydra.core.utils import JobReturn, JobStatus
+
+        self.launched.append((list(batch[0]), initial_job_idx))
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return [JobReturn(status=JobStatus.COMPLETED, _return_value=outcome)]
+
+
+def test_the_sweeper_tells_the_study_how_each_job_ended(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = search.open_study(url, "s", "minimize", ["a=1"], 0, 1, {})
+    sweeper = CharLSTMOptunaSweeper()
+    sweeper.launcher = FakeLauncher(2.5, float("nan"), SystemExit(1), SystemExit(130))
+    space = {"x": FloatDistribution(0, 1)}
+    for _ in range(3):
+        sweeper._run(study, [study.ask(space)], ["a=1"], url, "val/bpc_best")
+    with pytest.raises(TrainingInterrupted) as stop:
+        sweeper._run(study, [study.ask(space)], ["a=1"], url, "val/bpc_best")
+    assert stop.value.exit_code == 130
+    overrides, job = sweeper.launcher.launched[0]
+    assert job == 0 and overrides[0] == "a=1" and f"optuna.storage='{url}'" in overrides
+    assert {"optuna.study='s'", "optuna.trial=0"} <= set(overrides) and overrides[1].startswith("x=")
+    trials = study.get_trials()
+    assert [t.state for t in trials[:4]] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL, TrialState.FAIL]
+    assert trials[0].value == 2.5
+    assert "not a number for val/bpc_best" in trials[1].user_attrs[search.ERROR]
+    assert trials[2].user_attrs[search.ERROR] == "exit status 1"
+    assert trials[3].user_attrs[search.INTERRUPTED] and trials[4].state == TrialState.WAITING
+    assert search.counted(study) == 3

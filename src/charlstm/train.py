@@ -575,7 +575,8 @@ def run(cfg: DictConfig) -> float | None:
             return None  # on to the next job
         from charlstm.summary import summarize
 
-        summarize(job[2], cfg.get("optimized_metric") or "val/bpc_best")  # the jobs so far
+        if OmegaConf.select(cfg, "optuna.trial") is None:  # an Optuna search's sweeper writes its own
+            summarize(job[2], cfg.get("optimized_metric") or "val/bpc_best")  # the jobs so far
         raise
     if objects["trainer"].is_global_zero:
         report(cfg, metrics, objects)

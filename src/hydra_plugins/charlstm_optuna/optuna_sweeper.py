@@ -8,6 +8,7 @@ here: Hydra runs this module before registering it, and dataclasses then cannot 
 
 import logging
 import math
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ class CharLSTMOptunaSweeper(Sweeper):
             if interrupted:
                 raise TrainingInterrupted(
                     f"search stopped during trial {', '.join(map(str, numbers))}; the same command continues the "
-                    "study and runs it again", 143 if code == 143 else 130,
+                    "study and runs it again", signal.SIGTERM if code == 143 else signal.SIGINT,
                 ) from None  # fmt: skip
             return []
         for t, ret in zip(trials, returns, strict=True):
