@@ -99,16 +99,18 @@ def test_a_search_whose_trials_all_fail_says_so_after_the_summary(tmp_path, data
     assert all("data.max_chars" in r["error"] for r in rows)
 
 
-def make_study(tmp_path: Path, other_trial_loss: float) -> tuple[optuna.Study, str]:
-    """A study with one complete trial that reported ``other_trial_loss`` at every step, and trial 1 running."""
+def make_study(tmp_path: Path, other_trial_loss: float) -> tuple[optuna.Study, str, optuna.Trial]:
+    """A study with one complete trial that reported ``other_trial_loss`` at every step, and trial 1 running (its
+    ``Trial`` object returned, as the sweeper holds it while the job runs)."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = search.open_study(url, "s", "minimize", [], 0, 1, {"name": "median", "startup_trials": 1})
     done = study.ask()
     for step in range(1, 101):
         done.report(other_trial_loss, step)
     study.tell(done, other_trial_loss)
-    assert study.ask().number == 1
-    return study, url
+    running = study.ask()
+    assert running.number == 1
+    return study, url, running
 
 
 def pruning_cfg(make_cfg, url: str):
@@ -121,7 +123,7 @@ def pruning_cfg(make_cfg, url: str):
 
 
 def test_a_trial_worse_than_the_median_stops_at_that_validation_and_is_told_pruned(tmp_path, make_cfg):
-    study, url = make_study(tmp_path, other_trial_loss=0.01)
+    study, url, running = make_study(tmp_path, other_trial_loss=0.01)
     metrics, objects = train(pruning_cfg(make_cfg, url))
     trainer = objects["trainer"]
     assert trainer.global_step == 2  # stopped at its first validation, of four
@@ -130,13 +132,12 @@ def test_a_trial_worse_than_the_median_stops_at_that_validation_and_is_told_prun
     trial = study.trials[1]
     assert trial.user_attrs[search.PRUNED_AT] == 2
     assert trial.intermediate_values == {2: pytest.approx(metrics["val/loss"])}
-    CharLSTMOptunaSweeper._tell(study, optuna.Trial(study, search.trial_id(study, 1)), metrics["val/bpc_best"], None,
-                                "val/bpc_best")  # fmt: skip
+    CharLSTMOptunaSweeper._tell(study, running, metrics["val/bpc_best"], None, "val/bpc_best")
     assert study.trials[1].state == TrialState.PRUNED
 
 
 def test_a_trial_better_than_the_median_trains_to_its_end(tmp_path, make_cfg):
-    study, url = make_study(tmp_path, other_trial_loss=100.0)
+    study, url, _ = make_study(tmp_path, other_trial_loss=100.0)
     _, objects = train(pruning_cfg(make_cfg, url))
     assert objects["trainer"].global_step == 8
     assert search.pruned_at(objects["callbacks"]) is None
@@ -146,7 +147,7 @@ def test_a_trial_better_than_the_median_trains_to_its_end(tmp_path, make_cfg):
 
 def test_a_pruned_run_records_pruned_in_its_result(tmp_path, data_dir):
     """The job's side on its own: a run given a trial of a study prunes itself and exits 0 with state pruned."""
-    _, url = make_study(tmp_path, other_trial_loss=0.01)
+    _, url, _ = make_study(tmp_path, other_trial_loss=0.01)
     done = ok(run_cli("train.py", "hparams_search=lstm", *SHRINK, "data.extra_plays=null", "trainer.max_steps=8",
                       "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", f"paths.data_dir={data_dir}",
                       f"optuna.storage='{url}'", "optuna.study=s", "optuna.trial=1", cwd=tmp_path))  # fmt: skip

@@ -143,6 +143,12 @@ def trial_id(study: optuna.Study, number: int) -> int:
     return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
 
 
+def stored(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    """A trial as the storage has it now (a ``Trial`` object from ``ask`` keeps what it saw then: it misses what
+    the job wrote since, e.g. that the pruner stopped it)."""
+    return study._storage.get_trial(trial_id(study, number))
+
+
 def set_attr(study: optuna.Study, number: int, key: str, value: Any) -> None:
     study._storage.set_trial_user_attr(trial_id(study, number), key, value)
 

@@ -152,7 +152,7 @@ class CharLSTMOptunaSweeper(Sweeper):
 
         from charlstm import search
 
-        pruned_at = trial.user_attrs.get(search.PRUNED_AT)
+        pruned_at = search.stored(study, trial.number).user_attrs.get(search.PRUNED_AT)  # written by the job
         if error is None and pruned_at is not None:
             study.tell(trial, state=TrialState.PRUNED)
             log.info("trial %d: pruned at step %d", trial.number, pruned_at)
@@ -194,8 +194,8 @@ class CharLSTMOptunaSweeper(Sweeper):
                 return
             raise TrainingFailed(f"no trial of study {study.study_name} completed ({counts}); see {md}")
         best = study.best_trial
-        lines += [f"best:         trial {best.number}, {metric} {best.value:.4f}; its settings with the recipe's "
-                  "full budget:", f"  {command}"]  # fmt: skip
+        lines += [f"best:         trial {best.number}, {metric} {best.value:.4f}; as a run of its own:",
+                  f"  {command}"]  # fmt: skip
         print("\n".join(lines), flush=True)
 
 
@@ -220,4 +220,6 @@ def first_value(dist: Any) -> Any:
 def is_running(study: Any, number: int) -> bool:
     from optuna.trial import TrialState
 
-    return study.get_trials(deepcopy=False)[number].state == TrialState.RUNNING
+    from charlstm import search
+
+    return search.stored(study, number).state == TrialState.RUNNING
