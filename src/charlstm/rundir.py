@@ -74,15 +74,16 @@ def fixed_keys(command_overrides: Iterable[str]) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
-    keys = []
+    swept: dict[str, bool] = {}
     for text in command_overrides:
         try:
             override = parser.parse_override(text)
         except Exception:  # Hydra reports it itself
             continue
-        if not override.is_sweep_override():
-            keys.append(override_key(override.get_key_element()))
-    return keys
+        key = override_key(override.get_key_element())
+        swept.pop(key, None)  # the last override of a key is the one that counts
+        swept[key] = override.is_sweep_override()
+    return [key for key, is_swept in swept.items() if not is_swept]
 
 
 def swept_overrides(overrides: Sequence[str], fixed: Iterable[str] | None = None) -> list[str]:

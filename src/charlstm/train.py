@@ -582,5 +582,7 @@ def run(cfg: DictConfig) -> float | None:
         if folder is not None:
             from charlstm.summary import COMPLETE, write_result
 
-            write_result(folder, run_result(cfg, COMPLETE, time.monotonic() - started, objects, metrics))
+            # a resumed run's result goes beside its checkpoints; a sweep job's stays in the job folder
+            where = folder if job is not None else objects["output_dir"]
+            write_result(where, run_result(cfg, COMPLETE, time.monotonic() - started, objects, metrics))
     return metrics.get(cfg.get("optimized_metric") or "")
