@@ -124,7 +124,7 @@ def test_claim_dir_adds_a_suffix_when_the_folder_exists(tmp_path):
     assert claim_dir(tmp_path / "new" / "12-00-00") == tmp_path / "new" / "12-00-00-1"
 
 
-def test_a_claim_holds_in_its_process_and_is_published_to_later_ranks(tmp_path, monkeypatch):
+def test_a_claim_holds_in_its_process_and_is_inherited_by_the_processes_it_starts(tmp_path, monkeypatch):
     for var in (rundir.DIRS_ENV, "RANK", "LOCAL_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)
     (tmp_path / "t").mkdir()  # taken by another command
@@ -132,16 +132,19 @@ def test_a_claim_holds_in_its_process_and_is_published_to_later_ranks(tmp_path, 
     assert first == str(tmp_path / "t-1")
     assert claimed("run", str(tmp_path / "t")) == first  # resolved again (e.g. by Lightning): the same folder
     assert claimed("run", str(tmp_path / "t-at-another-second")) == first
-    monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP rank started from this process inherits the claim
-    monkeypatch.setattr(os, "getpid", lambda: -7)
-    assert claimed("run", str(tmp_path / "t")) == first
-    monkeypatch.setenv("LOCAL_RANK", "0")  # another command that inherited the variable claims its own
+    monkeypatch.setattr(os, "getpid", lambda: -7)  # a process started from this one, with the variable
+    assert claimed("run", str(tmp_path / "t")) == first  # a launcher's worker: the same name, the same folder
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert claimed("run", str(tmp_path / "t-next-second")) == first  # a DDP rank: rank 0's folder
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert claimed("run", str(tmp_path / "u")) == str(tmp_path / "u")  # another name: its own claim
+    monkeypatch.setenv(rundir.DIRS_ENV, "{}")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank > 0 that inherited no claim never makes a suffix of its own
+    assert claimed("run", str(tmp_path / "t")) == str(tmp_path / "t")
+    monkeypatch.setenv("LOCAL_RANK", "0")
     assert claimed("run", str(tmp_path / "t")) == str(tmp_path / "t-2")
     rundir.release()
-    monkeypatch.setattr(os, "getpid", lambda: -8)
-    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank > 0 that did not inherit a claim never makes its own suffix
-    monkeypatch.delenv(rundir.DIRS_ENV)
-    assert claimed("run", str(tmp_path / "t")) == str(tmp_path / "t")
+    assert claimed("run", str(tmp_path / "t")) == str(tmp_path / "t-3")  # released: the next run claims afresh
 
 
 def test_the_run_and_sweep_folders_of_the_config_are_claimed_once(tmp_path, monkeypatch):
