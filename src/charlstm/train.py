@@ -587,5 +587,7 @@ def run(cfg: DictConfig) -> float | None:
             # a trial the Optuna pruner stopped ends like any run, recorded as pruned
             step = pruned_at(objects["callbacks"])
             result = run_result(cfg, COMPLETE if step is None else PRUNED, time.monotonic() - started, objects, metrics)
-            write_result(folder, result if step is None else {**result, "pruned_at_step": step})
+            # a resumed run's result goes beside its checkpoints; a sweep job's stays in the job folder
+            where = folder if job is not None else objects["output_dir"]
+            write_result(where, result if step is None else {**result, "pruned_at_step": step})
     return metrics.get(cfg.get("optimized_metric") or "")
