@@ -46,7 +46,7 @@ format: install ## ruff fix and format
 tensorboard: install ## TensorBoard over every run and sweep job under outputs/
 	$(BIN)/tensorboard --logdir outputs
 
-sweep: install ## a small sweep: units x seq_len, one folder per job under outputs/multirun/
+sweep: install ## a sweep: units x seq_len (4 default runs); job folders and summary.md under outputs/multirun/
 	$(PY) train.py -m model.units=64,128 data.seq_len=50,100 $(ARGS)
 
 bench: install ## the README's performance and quality tables (see benchmarks/)

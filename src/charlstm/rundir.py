@@ -22,7 +22,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-# {"pid": the process that claimed, "dirs": {key: folder}}: the folders claimed for this command
+# {key: {"base": the name asked for, "dir": the folder claimed, "pid": the process that claimed it}}
 DIRS_ENV = "CHARLSTM_RUN_DIRS"
 # JSON list of the keys a multirun's command line fixes (not swept): left out of job folder names
 FIXED_ENV = "CHARLSTM_SWEEP_FIXED"
@@ -74,15 +74,16 @@ def fixed_keys(command_overrides: Iterable[str]) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
-    keys = []
+    swept: dict[str, bool] = {}
     for text in command_overrides:
         try:
             override = parser.parse_override(text)
         except Exception:  # Hydra reports it itself
             continue
-        if not override.is_sweep_override():
-            keys.append(override_key(override.get_key_element()))
-    return keys
+        key = override_key(override.get_key_element())
+        swept.pop(key, None)  # the last override of a key is the one that counts
+        swept[key] = override.is_sweep_override()
+    return [key for key, is_swept in swept.items() if not is_swept]
 
 
 def swept_overrides(overrides: Sequence[str], fixed: Iterable[str] | None = None) -> list[str]:
@@ -113,32 +114,31 @@ def _rank() -> int:
     return 0
 
 
-def _claims() -> dict[str, Any]:
+def _claims() -> dict[str, dict[str, Any]]:
     try:
         claims = json.loads(os.environ.get(DIRS_ENV, ""))
     except ValueError:
-        claims = None
-    return claims if isinstance(claims, dict) and isinstance(claims.get("dirs"), dict) else {"pid": None, "dirs": {}}
+        return {}
+    return {k: v for k, v in claims.items() if isinstance(v, dict)} if isinstance(claims, dict) else {}
 
 
 def claimed(key: str, base: str) -> str:
     """The folder this command uses for ``key`` (``run``, ``sweep``, ``job:<sweep>:<num>``), created on first use.
 
-    Rank 0 (or a process alone) claims it; the same process asking again gets the same folder. A process of a
-    multi-process run with rank > 0 takes the folder rank 0 published, when it inherited it, else ``base`` as it
-    is (never a suffixed one of its own).
+    Rank 0 (or a process alone) claims it; asking again gets the same folder. A process started from it (a DDP
+    rank, a launcher's worker) inherits the claims: it takes the same folder for the same ``base``, and a rank > 0
+    takes rank 0's whatever its own ``base`` (its clock may have passed the second), else ``base`` as it is, never
+    a suffixed folder of its own.
     """
     claims = _claims()
-    mine = claims.get("pid") == os.getpid()
-    if key in claims["dirs"] and (mine or _rank() > 0):
-        return str(claims["dirs"][key])
+    entry = claims.get(key)
+    if entry is not None and (entry.get("pid") == os.getpid() or entry.get("base") == base or _rank() > 0):
+        return str(entry["dir"])
     if _rank() > 0:
         Path(base).mkdir(parents=True, exist_ok=True)
         return base
-    if not mine:  # inherited from another command: this one claims its own folders
-        claims = {"pid": os.getpid(), "dirs": {}}
     folder = str(claim_dir(base))
-    claims["dirs"][key] = folder
+    claims[key] = {"base": base, "dir": folder, "pid": os.getpid()}
     os.environ[DIRS_ENV] = json.dumps(claims)
     return folder
 
@@ -146,10 +146,9 @@ def claimed(key: str, base: str) -> str:
 def release(*keys: str) -> None:
     """Forget this process's claims (all, or ``keys``), so a next run in the same process claims afresh."""
     claims = _claims()
-    if claims.get("pid") != os.getpid():
-        return
-    for key in keys or list(claims["dirs"]):
-        claims["dirs"].pop(key, None)
+    for key in keys or list(claims):
+        if key in claims and claims[key].get("pid") == os.getpid():
+            del claims[key]
     os.environ[DIRS_ENV] = json.dumps(claims)
 
 

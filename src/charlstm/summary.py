@@ -32,6 +32,8 @@ _NOT_COLUMNS = ("params", "history", "metrics", "run_dir")
 
 # Sweep folders summarized by this process (a sweeper that writes its own summary keeps it)
 _written: dict[Path, list[dict[str, Any]]] = {}
+# The states that fail the command, as the sweeper that wrote a summary chose them
+_failures: dict[Path, tuple[str, ...]] = {}
 
 
 # -- one job's result --------------------------------------------------------------------------------------------
@@ -208,13 +210,15 @@ def write_summary(
     metric: str = "val/bpc_best",
     direction: str = "minimize",
     plot: bool = True,
+    failures: Sequence[str] = FAILURES,
 ) -> Path:
     """Write ``summary.csv``, ``summary.md`` and ``summary.png`` into ``sweep_dir``, best row first by ``metric``;
     returns the path of ``summary.md``.
 
     A row is a dict with the keys of :data:`COLUMNS` (any may be missing) plus, optionally, ``params`` ({swept
     key: value}, one chart panel each) and ``history`` ([(step, val/bpc), ...], the validation curves); other
-    scalar keys become extra columns.
+    scalar keys become extra columns. ``failures``: the row states that make the command exit non-zero once the
+    multirun ends (a search, whose failed trials are results, passes none).
     """
     from charlstm.reliability import atomic_write
 
@@ -234,6 +238,7 @@ def write_summary(
     if plot:
         plot_summary(sweep_dir / "summary.png", ranked, metric, direction)
     _written[sweep_dir.resolve()] = list(ranked)
+    _failures[sweep_dir.resolve()] = tuple(failures)
     return sweep_dir / "summary.md"
 
 
@@ -312,9 +317,9 @@ def summarize(sweep_dir: str | os.PathLike[str], metric: str = "val/bpc_best", d
     return ranked
 
 
-def failures_line(rows: Sequence[dict[str, Any]], sweep_dir: Path) -> str | None:
+def failures_line(rows: Sequence[dict[str, Any]], sweep_dir: Path, failures: Sequence[str] = FAILURES) -> str | None:
     """The one line a sweep with failed jobs ends with (None when every job completed or was pruned)."""
-    bad = [r for r in rows if r.get("state") in FAILURES]
+    bad = [r for r in rows if r.get("state") in failures]
     if not bad:
         return None
     jobs = ", ".join(str(r.get("job")) for r in bad[:10]) + (" ..." if len(bad) > 10 else "")
@@ -343,7 +348,7 @@ class SweepSummary(Callback):
         rows = _written.get(sweep_dir.resolve())
         if rows is None:
             rows = summarize(sweep_dir, self.metric, self.direction)
-        line = failures_line(rows, sweep_dir)
+        line = failures_line(rows, sweep_dir, _failures.get(sweep_dir.resolve(), FAILURES))
         if line is not None:
             print(f"error: {line}", file=sys.stderr, flush=True)
             sys.exit(1)

@@ -575,12 +575,19 @@ def run(cfg: DictConfig) -> float | None:
             return None  # on to the next job
         from charlstm.summary import summarize
 
-        summarize(job[2], cfg.get("optimized_metric") or "val/bpc_best")  # the jobs so far
+        if OmegaConf.select(cfg, "optuna.trial") is None:  # an Optuna search's sweeper writes its own
+            summarize(job[2], cfg.get("optimized_metric") or "val/bpc_best")  # the jobs so far
         raise
     if objects["trainer"].is_global_zero:
         report(cfg, metrics, objects)
         if folder is not None:
-            from charlstm.summary import COMPLETE, write_result
+            from charlstm.search import pruned_at
+            from charlstm.summary import COMPLETE, PRUNED, write_result
 
-            write_result(folder, run_result(cfg, COMPLETE, time.monotonic() - started, objects, metrics))
+            # a trial the Optuna pruner stopped ends like any run, recorded as pruned
+            step = pruned_at(objects["callbacks"])
+            result = run_result(cfg, COMPLETE if step is None else PRUNED, time.monotonic() - started, objects, metrics)
+            # a resumed run's result goes beside its checkpoints; a sweep job's stays in the job folder
+            where = folder if job is not None else objects["output_dir"]
+            write_result(where, result if step is None else {**result, "pruned_at_step": step})
     return metrics.get(cfg.get("optimized_metric") or "")
