@@ -117,9 +117,15 @@ def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
     """Run ``task`` (``module:function`` taking the composed config) under ``@hydra.main``.
 
     Hydra's own errors (unknown choice, mistyped key, unreadable override) become one ``error:`` line and
-    exit status 1; ``HYDRA_FULL_ERROR=1`` set by the user still shows Hydra's full traceback.
+    exit status 1; ``HYDRA_FULL_ERROR=1`` set by the user still shows Hydra's full traceback. A launcher's
+    error (a cluster job that failed) is its one line too.
     """
     import hydra
+
+    from charlstm.cluster import quiet_schema_note
+    from charlstm.errors import CharLSTMError
+
+    quiet_schema_note()
 
     user_full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Makes Hydra raise instead of printing its multi-line report, so the error can be said in one line.
@@ -145,3 +151,6 @@ def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
             raise
         print(f"error: {hydra_error_line(err, config_dir, config_name, args)}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except CharLSTMError as err:
+        print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
