@@ -1,6 +1,6 @@
 """``python tests/dry_submit.py ARGS`` runs ``python train.py ARGS`` as a SLURM login node would, up to the sbatch
 call: Hydra's sweeper, the project's launcher and submitit's executor all run for real; the jobs are not sent.
-What would have been sent is written as JSON to $DRY_SUBMIT_OUT: the sbatch script, the executor's settings
+What would have been sent is written as JSON to $DRY_SUBMIT_OUT (when set): the sbatch script, the executor's settings
 and each job's composed config (checked by charlstm.config.validate_train, as the job itself would)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class NotSent:
     """Stands for a submitted job: its result is an empty, completed Hydra job."""
+
+    paths = SimpleNamespace(stdout="(not sent)")
 
     def results(self) -> list[Any]:
         from hydra.core.utils import JobReturn, JobStatus
@@ -45,7 +48,8 @@ def map_array(executor: Any, launcher: Any, *iterables: Any) -> list[NotSent]:
     script = inner._make_submission_file_text(inner._submitit_command_str, "dry")
     record = {"executor": type(inner).__name__, "parameters": parameters, "script": script, "jobs": jobs,
               "max_num_timeout": inner.max_num_timeout, "launcher": type(launcher).__qualname__}  # fmt: skip
-    Path(os.environ["DRY_SUBMIT_OUT"]).write_text(json.dumps(record, indent=1, default=str))
+    if os.environ.get("DRY_SUBMIT_OUT"):
+        Path(os.environ["DRY_SUBMIT_OUT"]).write_text(json.dumps(record, indent=1, default=str))
     return [NotSent() for _ in jobs]
 
 

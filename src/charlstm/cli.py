@@ -113,6 +113,15 @@ def hydra_error_line(err: BaseException, config_dir: Path, config_name: str, arg
     return text
 
 
+def launcher_without_multirun(args: Sequence[str]) -> str | None:
+    """``hydra/launcher=X`` on a command that is not a multirun (where Hydra would quietly run it here)."""
+    chosen = next((a for a in args if a.startswith("hydra/launcher=")), None)
+    modes = {"-m", "--multirun", "-c", "--cfg", "-i", "--info", "-h", "--help", "--hydra-help", "-sc"}
+    if chosen is None or modes & set(args) or any(a.startswith("--shell-completion") for a in args):
+        return None
+    return chosen
+
+
 def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
     """Run ``task`` (``module:function`` taking the composed config) under ``@hydra.main``.
 
@@ -132,6 +141,11 @@ def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     args = literal_args(sys.argv[1:])
     sys.argv = [sys.argv[0], *args]
+    launcher = launcher_without_multirun(args)
+    if launcher:
+        print(f"error: {launcher} applies to -m runs only (Hydra launches multiruns; one job is fine): "
+              f"python {Path(sys.argv[0]).name} -m {' '.join(args)}", file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(1)
     module_name, _, function = task.partition(":")
 
     def main(cfg: Any) -> Any:

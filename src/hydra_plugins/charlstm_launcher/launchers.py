@@ -1,5 +1,6 @@
-"""Hydra's submitit launchers (configs/hydra/launcher/) with two additions: a requeued job knows it is one (so
-it resumes from its run folder's last.ckpt), and a job that ends without a result is one line naming it."""
+"""Hydra's submitit launchers (configs/hydra/launcher/), with what this project adds: a requeued job knows it is
+one (so it resumes from its run folder's last.ckpt), a job that ends without a result is one line naming it and
+its log, and the SLURM launcher on a machine without SLURM is one line too."""
 
 from __future__ import annotations
 
@@ -43,6 +44,15 @@ class _Requeueable:
     config: Any
     requeues = 0
 
+    def setup(self, **kwargs: Any) -> None:
+        # Before the sweeper makes the sweep folder: a refused command leaves nothing behind.
+        if self._EXECUTOR == "slurm" and shutil.which("srun") is None:
+            raise ConfigError(
+                "hydra/launcher=submitit_slurm submits to SLURM, which this machine lacks (no srun on PATH): run the "
+                "command on the cluster's login node, or try the same jobs here with hydra/launcher=submitit_local"
+            )
+        super().setup(**kwargs)  # type: ignore[misc]
+
     def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
         quiet_schema_note()  # the job composes its config again
         if self.requeues:
@@ -63,11 +73,6 @@ class _Requeueable:
         import submitit
 
         assert self.config is not None
-        if self._EXECUTOR == "slurm" and shutil.which("srun") is None:
-            raise ConfigError(
-                "hydra/launcher=submitit_slurm submits to SLURM, which this machine lacks (no srun on PATH): run the "
-                "command on the cluster's login node, or try the same jobs here with hydra/launcher=submitit_local"
-            )
         params = dict(self.params)
         folder = params.pop("submitit_folder")
         init = {}
@@ -93,6 +98,7 @@ class _Requeueable:
         for job, (num, overrides) in zip(jobs, numbered, strict=True):
             try:
                 results.append(job.results()[0])
+                submitit_launcher.log.info(f"\t#{num} done; its console output: {job.paths.stdout}")
             except submitit.core.utils.UncompletedJobError:
                 line = last_outcome_line(job.paths.stderr) or "no output"
                 line = line.removeprefix("error: ")
