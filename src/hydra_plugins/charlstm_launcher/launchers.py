@@ -53,11 +53,25 @@ class _Requeueable:
             )
         super().setup(**kwargs)  # type: ignore[misc]
 
-    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+    def __call__(self, sweep_overrides: list[str], *args: Any, **kwargs: Any) -> JobReturn:
+        """One task of the job (one per device): its Hydra job, told whether it was requeued and which rank it is."""
+        import submitit
+
         quiet_schema_note()  # the job composes its config again
         if self.requeues:
             os.environ[REQUEUE_ENV] = str(self.requeues)
-        return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        task = submitit.JobEnvironment()
+        if task.num_tasks > 1:
+            if self._EXECUTOR == "local":
+                # srun's part on one machine: Lightning reads these and joins the processes submitit started
+                port = 20000 + int(task.job_id) % 20000  # the same in every task of the job
+                os.environ.update(LOCAL_RANK=str(task.local_rank), NODE_RANK="0", WORLD_SIZE=str(task.num_tasks),
+                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+            if task.global_rank > 0:
+                # rank 0 writes the run folder's .hydra/ and train.log; the others log beside it
+                name = f"{self.config.hydra.job.name}_rank{task.global_rank}"
+                sweep_overrides = [*sweep_overrides, "hydra.output_subdir=null", f"hydra.job.name={name}"]
+        return super().__call__(sweep_overrides, *args, **kwargs)  # type: ignore[misc]
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """What submitit runs when it requeues this job: the same job, marked as requeued once more."""
