@@ -35,6 +35,7 @@ def sbatch_options(script: str) -> dict[str, str]:
 # -- SLURM, up to the sbatch call --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_slurm_sweep_sends_one_ddp_job_per_point_sized_to_the_trainer(tmp_path):
     out = tmp_path / "submitted.json"
     args = ["-m", "hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.num_nodes=2", "model.units=128,256",
