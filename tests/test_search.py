@@ -185,6 +185,7 @@ def test_search_space_reads_hydra_sweep_syntax():
     assert space["d"] == IntDistribution(8, 64)
     assert space["e"] == CategoricalDistribution([0.1, 0.2])  # the command line's range replaces the config's
     assert search.search_space({}, ["b=range(1,4)"])[0]["b"] == IntDistribution(1, 3)  # Hydra's range: stop excluded
+    assert search.search_space({}, ["b=range(0.0,0.55,0.05)"])[0]["b"] == FloatDistribution(0.0, 0.5, step=0.05)
     with pytest.raises(ConfigError, match=r"^model.units=128 is not a search range"):
         search.search_space({"model.units": "128"}, [])
     with pytest.raises(ConfigError, match=r"optuna.trial is set by the Optuna sweeper"):

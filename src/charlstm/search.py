@@ -62,12 +62,14 @@ def distribution(key: str, text: str, value: Any = None) -> optuna.distributions
         choices = list(value.list)
         if all(isinstance(c, str | int | float | bool) or c is None for c in choices):
             return CategoricalDistribution(choices)
-    elif isinstance(value, RangeSweep):
-        values = list(value.range())
-        if values and all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
-            return IntDistribution(values[0], values[-1], step=int(value.step))
-        if values:
-            return FloatDistribution(float(values[0]), float(values[-1]), step=float(value.step))
+    elif isinstance(value, RangeSweep) and value.step and value.start is not None and value.stop is not None:
+        # the number of values, counted without the float error that lets Hydra's own float range reach its stop
+        count = math.ceil((value.stop - value.start) / value.step - 1e-9)
+        if count > 0 and all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
+            return IntDistribution(value.start, value.start + (count - 1) * value.step, step=value.step)
+        if count > 0:
+            high = float(f"{value.start + (count - 1) * value.step:.12g}")
+            return FloatDistribution(float(value.start), high, step=float(value.step))
     elif isinstance(value, IntervalSweep) and value.start is not None and value.end is not None:
         log_scale = "log" in value.tags
         if isinstance(value.start, int) and isinstance(value.end, int):
