@@ -34,8 +34,8 @@ generate: install ## generate text from the newest run's last.ckpt
 eval: install ## bits/char of the newest run's last.ckpt on its validation text (ARGS='data=file data.path=X')
 	$(PY) eval.py ckpt=last $(ARGS)
 
-test: install ## run the test suite
-	$(PY) -m pytest -q $(ARGS)
+test: install ## run the test suite (one worker per core; make test ARGS='-n 0 -k resume' for one process)
+	$(PY) -m pytest -q -n auto $(ARGS)
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

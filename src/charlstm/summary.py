@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from charlstm.rundir import fixed_keys, swept_overrides
 
 RESULT = "result.json"
 COMPLETE, FAILED, INTERRUPTED, PRUNED, MISSING = "complete", "failed", "interrupted", "pruned", "no result"
@@ -81,8 +83,6 @@ def _job_number(folder: Path, result: dict[str, Any] | None) -> int | None:
 
 
 def _hydra_overrides(folder: Path) -> list[str]:
-    from omegaconf import OmegaConf
-
     try:
         return [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
     except (OSError, ValueError, TypeError):
@@ -91,8 +91,6 @@ def _hydra_overrides(folder: Path) -> list[str]:
 
 def row_of(folder: Path, sweep_dir: Path, fixed: Iterable[str] | None = None) -> dict[str, Any] | None:
     """The summary row of one job folder (None when it is not a job folder)."""
-    from charlstm.rundir import swept_overrides
-
     result = read_result(folder)
     if result is None and not (folder / ".hydra").is_dir():
         return None
@@ -124,10 +122,6 @@ def row_of(folder: Path, sweep_dir: Path, fixed: Iterable[str] | None = None) ->
 
 def _fixed_keys_of(sweep_dir: Path) -> list[str] | None:
     """The keys the sweep's command line fixed, from Hydra's ``multirun.yaml`` in the sweep folder."""
-    from omegaconf import OmegaConf
-
-    from charlstm.rundir import fixed_keys
-
     try:
         task = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
     except Exception:  # no or an unreadable multirun.yaml: swept_overrides falls back to its default
@@ -151,7 +145,8 @@ def value_of(row: dict[str, Any], key: str) -> Any:
     return (row.get("metrics") or {}).get(key)
 
 
-def _number(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
+    """``value`` as a finite float, else None (missing, text, NaN)."""
     if isinstance(value, bool) or value is None:
         return None
     try:
@@ -164,9 +159,9 @@ def _number(value: Any) -> float | None:
 def rank_rows(rows: Sequence[dict[str, Any]], metric: str = "val/bpc_best", direction: str = "minimize"):
     """The rows best first by ``metric``; rows without it (failed, pruned early, no result) last, in job order."""
     sign = -1.0 if direction.startswith("max") else 1.0
-    scored = [r for r in rows if _number(value_of(r, metric)) is not None]
-    rest = [r for r in rows if _number(value_of(r, metric)) is None]
-    return sorted(scored, key=lambda r: sign * _number(value_of(r, metric))) + rest
+    scored = [r for r in rows if as_number(value_of(r, metric)) is not None]
+    rest = [r for r in rows if as_number(value_of(r, metric)) is None]
+    return sorted(scored, key=lambda r: sign * as_number(value_of(r, metric))) + rest
 
 
 def columns_of(rows: Sequence[dict[str, Any]], metric: str) -> list[str]:
@@ -236,72 +231,12 @@ def write_summary(
     md = heading + markdown_table(ranked, metric) + "\n"
     atomic_write(sweep_dir / "summary.md", lambda fh: fh.write(md.encode("utf-8")))
     if plot:
+        from charlstm.summary_plot import plot_summary
+
         plot_summary(sweep_dir / "summary.png", ranked, metric, direction)
     _written[sweep_dir.resolve()] = list(ranked)
     _failures[sweep_dir.resolve()] = tuple(failures)
     return sweep_dir / "summary.md"
-
-
-# -- the picture -----------------------------------------------------------------------------------------------
-def _label(row: dict[str, Any], limit: int = 48) -> str:
-    text = f"{row.get('job')}: {row.get('overrides') or '(no overrides)'}"
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def plot_summary(path: Path, rows: Sequence[dict[str, Any]], metric: str, direction: str = "minimize") -> Path:
-    """``summary.png``: every job's validation curve on one chart, and below it ``metric`` against each swept
-    key (one panel per key; the best job marked). Drawn with matplotlib's Agg canvas, no display needed."""
-    from matplotlib.figure import Figure
-
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row.get("params") or {} if k not in keys]
-    scored = [r for r in rows if _number(value_of(r, metric)) is not None]
-    best = rank_rows(scored, metric, direction)[0] if scored else None
-    width = max(9.0, 3.2 * len(keys))
-    fig = Figure(figsize=(width, 8.5 if keys else 5.0), layout="constrained")
-    grid = fig.add_gridspec(2 if keys else 1, max(1, len(keys)), height_ratios=[3, 2] if keys else [1])
-    ax = fig.add_subplot(grid[0, :])
-    curves = [r for r in rows if r.get("history")]
-    for row in curves:
-        steps, values = zip(*row["history"], strict=True)
-        ax.plot(steps, values, marker="o" if len(steps) < 12 else None, markersize=3, label=_label(row),
-                linewidth=2.2 if row is best else 1.2)  # fmt: skip
-    ax.set_title("validation bits/char of every job")
-    ax.set_xlabel("step")
-    ax.set_ylabel("val/bpc")
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(fontsize="small", ncol=1 if len(curves) <= 12 else 2, loc="upper right")
-    else:
-        ax.text(0.5, 0.5, "no validation curves", ha="center", va="center", transform=ax.transAxes)
-    for i, key in enumerate(keys):
-        pax = fig.add_subplot(grid[1, i])
-        points = [(r["params"][key], _number(value_of(r, metric)), r is best)
-                  for r in scored if key in r.get("params", {})]  # fmt: skip
-        xs = [p[0] for p in points]
-        if xs and all(_number(x) is not None for x in xs):
-            positions = [float(x) for x in xs]
-            if min(positions) > 0 and max(positions) / min(positions) >= 10:
-                pax.set_xscale("log")
-            values = sorted(set(positions))
-            if len(values) <= 8:  # the swept values themselves as ticks
-                pax.set_xticks(values, [f"{v:g}" for v in values], fontsize="small")
-                pax.minorticks_off()
-        else:  # text values (a config group choice, a path): one position each, in order of appearance
-            labels = list(dict.fromkeys(str(x) for x in xs))
-            positions = [labels.index(str(x)) for x in xs]
-            pax.set_xticks(range(len(labels)), [s if len(s) <= 14 else s[:13] + "…" for s in labels],
-                           rotation=30, fontsize="small")  # fmt: skip
-        pax.scatter(positions, [p[1] for p in points], s=24)
-        marked = [(x, p[1]) for x, p in zip(positions, points, strict=True) if p[2]]
-        if marked:
-            pax.scatter(*zip(*marked, strict=True), s=90, marker="*", color="tab:red", label="best", zorder=3)
-        pax.set_xlabel(key)
-        pax.set_ylabel(metric if i == 0 else "")
-        pax.grid(alpha=0.3)
-    fig.savefig(path, dpi=110)
-    return path
 
 
 # -- the end of a multirun -------------------------------------------------------------------------------------
@@ -311,7 +246,8 @@ def summarize(sweep_dir: str | os.PathLike[str], metric: str = "val/bpc_best", d
     rows = collect_rows(sweep_dir)
     md = write_summary(sweep_dir, rows, metric, direction)
     ranked = _written[sweep_dir.resolve()]
-    print(f"\nsweep summary ({len(ranked)} jobs, best {metric} first):\n{markdown_table(ranked, metric)}\n"
+    jobs = f"{len(ranked)} job" + ("" if len(ranked) == 1 else "s")
+    print(f"\nsweep summary ({jobs}, best {metric} first):\n{markdown_table(ranked, metric)}\n"
           f"summary:      {md}  (also summary.csv, summary.png)\n"
           f"tensorboard:  tensorboard --logdir {sweep_dir}", flush=True)  # fmt: skip
     return ranked

@@ -21,7 +21,7 @@ from pytorch_lightning.callbacks import Checkpoint, LearningRateMonitor, ModelCh
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from charlstm import checkpoint
+from charlstm import checkpoint, cluster
 from charlstm.callbacks import ConfigHParams, check_prompt, sample_prompt
 from charlstm.config import validate_train
 from charlstm.errors import (
@@ -322,7 +322,8 @@ def describe(cfg: DictConfig, out: Path) -> str:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    plugins = [AtomicCheckpointIO(), *cluster.lightning_plugins(cfg.trainer)]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -332,6 +333,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         run_dir = run_folder_of(resolve_resume(cfg))
         if run_dir is not None:
             cfg = resumed_config(cfg, run_dir, overrides)
+    requeued = cluster.requeued_checkpoint(Path(cfg.paths.output_dir))
+    if requeued is not None:  # a requeued cluster job: the same job again, going on from where it stopped
+        with open_dict(cfg):
+            cfg.ckpt_path = str(requeued)
     OmegaConf.set_struct(cfg, True)
     validate_train(cfg)
     check_accelerator(str(cfg.trainer.accelerator))
