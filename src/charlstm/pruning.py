@@ -40,7 +40,7 @@ def make_pruner(settings: dict[str, Any]) -> optuna.pruners.BasePruner:
     if name in (None, "none"):
         return optuna.pruners.NopPruner()
     if name != "median":
-        raise ConfigError(f"hydra.sweeper.pruner={name} is not known; use median or none")
+        raise ConfigError(f"hydra.sweeper.pruner.name={name} is not known; use median or none")
     return optuna.pruners.MedianPruner(
         n_startup_trials=int(settings.get("startup_trials", 3)), n_warmup_steps=int(settings.get("warmup_steps", 0))
     )

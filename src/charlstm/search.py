@@ -133,6 +133,9 @@ def open_study(
     import optuna
 
     quiet_optuna()
+    if direction not in ("minimize", "maximize"):
+        raise ConfigError(f"hydra.sweeper.direction={direction} is not known; use minimize or maximize")
+    the_pruner = make_pruner(pruner)
     storage = optuna.storages.RDBStorage(url)
     try:
         done = storage.get_n_trials(storage.get_study_id_from_name(name))
@@ -140,12 +143,9 @@ def open_study(
         done = 0
     # a continued search draws new points: the sampler's seed moves on with the number of trials so far
     sampler = optuna.samplers.TPESampler(seed=None if seed is None else seed + done, n_startup_trials=startup_trials)
-    if direction not in ("minimize", "maximize"):
-        raise ConfigError(f"hydra.sweeper.direction={direction} is not known; use minimize or maximize")
     study = optuna.create_study(
-        storage=storage, study_name=name, direction=direction, sampler=sampler, pruner=make_pruner(pruner),
-        load_if_exists=True,
-    )  # fmt: skip
+        storage=storage, study_name=name, direction=direction, sampler=sampler, pruner=the_pruner, load_if_exists=True
+    )
     if study.direction.name.lower() != direction:
         raise ConfigError(
             f"study {name} in {url} was made to {study.direction.name.lower()}; keep hydra.sweeper.direction or "
