@@ -586,7 +586,7 @@ def run(cfg: DictConfig) -> float | None:
     if objects["trainer"].is_global_zero:
         report(cfg, metrics, objects)
         if folder is not None:
-            from charlstm.search import pruned_at
+            from charlstm.pruning import pruned_at
             from charlstm.summary import COMPLETE, PRUNED, write_result
 
             # a trial the Optuna pruner stopped ends like any run, recorded as pruned
