@@ -11,7 +11,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train generate eval test lint format tensorboard sweep bench clean
+.PHONY: help install train generate eval test lint format tensorboard sweep search bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,8 +34,8 @@ generate: install ## generate text from the newest run's last.ckpt
 eval: install ## bits/char of the newest run's last.ckpt on its validation text (ARGS='data=file data.path=X')
 	$(PY) eval.py ckpt=last $(ARGS)
 
-test: install ## run the test suite
-	$(PY) -m pytest -q $(ARGS)
+test: install ## run the test suite (one worker per core; make test ARGS='-n 0 -k resume' for one process)
+	$(PY) -m pytest -q -n auto $(ARGS)
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -46,13 +46,15 @@ format: install ## ruff fix and format
 tensorboard: install ## TensorBoard over every run and sweep job under outputs/
 	$(BIN)/tensorboard --logdir outputs
 
-sweep: install ## a small sweep: units x seq_len, one folder per job under outputs/multirun/
+sweep: install ## a sweep: units x seq_len (4 default runs); job folders and summary.md under outputs/multirun/
 	$(PY) train.py -m model.units=64,128 data.seq_len=50,100 $(ARGS)
 
+search: install ## an Optuna search (hparams_search=lstm) in outputs/search/lstm/; run it again to continue the study
+	$(PY) train.py -m hparams_search=lstm $(ARGS)
+
 bench: install ## the README's performance and quality tables (see benchmarks/)
-	$(PIP) install -q -e ".[dev,bench]"
 	$(PY) benchmarks/train_bench.py $(ARGS)
 	$(PY) benchmarks/generate_speed.py
 
 clean: ## remove runs, cached corpora and caches (keeps .venv)
-	rm -rf outputs/2* outputs/multirun data/*.txt data/downloads .pytest_cache .ruff_cache
+	rm -rf outputs/2* outputs/multirun outputs/search data/*.txt data/downloads .pytest_cache .ruff_cache

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
+import stat
 import threading
 from pathlib import Path
 
@@ -180,6 +182,20 @@ def test_the_play_is_converted_once_and_cached(tmp_path, monkeypatch):
     assert play_text("macbeth", tmp_path) == "stale"
     monkeypatch.setattr(corpus, "CONVERSION_VERSION", corpus.CONVERSION_VERSION + 1)
     assert play_text("macbeth", tmp_path) == text
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_cached_corpora_keep_the_users_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        play_text("macbeth", tmp_path)
+        downloads = tmp_path / "downloads"
+        corpus.atomic_write_bytes(downloads / "x.txt", b"text")
+    finally:
+        os.umask(old)
+    for p in (tmp_path / "macbeth.txt", tmp_path / ".macbeth.txt.source", downloads / "x.txt"):
+        assert stat.S_IMODE(p.stat().st_mode) == mode, p
+    assert not [p for p in tmp_path.rglob("*.tmp")]
 
 
 def test_an_unknown_play_lists_the_known_ones(tmp_path):

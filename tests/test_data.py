@@ -139,3 +139,109 @@ def test_shuffled_batches_match_the_standard_shuffle_without_an_index_list():
     standard = list(BatchSampler(RandomSampler(range(103)), 10, drop_last=False))
     assert ours == standard and len(ours) == len(ShuffledBatches(103, 10)) == 11
     assert sorted(i for b in ours for i in b) == list(range(103))
+
+
+# -- extra text: the play corpus's, never a user's file's; validation never in training ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "source", "play", "expected"),
+    [
+        ("auto", "file", "macbeth", []),
+        ("auto", "play", "all", []),
+        ("all", "play", "all", []),
+        (None, "play", "macbeth", []),
+        ("none", "play", "macbeth", []),
+        ("hamlet", "file", "macbeth", ["hamlet"]),
+        ("hamlet,othello", "file", "macbeth", ["hamlet", "othello"]),
+        (["hamlet", "othello", "hamlet"], "file", "macbeth", ["hamlet", "othello"]),
+        (["macbeth", "othello"], "play", "macbeth", ["othello"]),
+    ],
+)
+def test_extra_play_names(value, source, play, expected):
+    from charlstm.data import extra_play_names
+
+    assert extra_play_names(value, source, play) == expected
+
+
+def test_extra_plays_auto_and_all_on_a_play_are_every_other_play():
+    from charlstm.corpus import play_names
+    from charlstm.data import extra_play_names
+
+    others = [n for n in play_names() if n != "macbeth"]
+    assert extra_play_names("auto", "play", "macbeth") == extra_play_names("all", "play", "macbeth") == others
+    assert extra_play_names("all", "file", "macbeth") == play_names()  # asked for explicitly: every play
+
+
+@pytest.mark.parametrize("value", ["hamlett", ["othello", "hamlett"], "othello, hamlett"])
+def test_a_bad_extra_play_name_names_the_key_and_the_valid_names(value):
+    from charlstm.data import extra_play_names
+    from charlstm.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        extra_play_names(value, "play", "macbeth")
+    msg = str(info.value)
+    assert msg.startswith("data.extra_plays names no play called 'hamlett'; use auto, all, none or play names from: ")
+    assert "data.play" not in msg and "macbeth" in msg.split("from: ")[1].split(", ")
+
+
+@pytest.mark.parametrize(
+    ("vocab", "expected"),
+    [
+        (["a", "bc", "d"], "data.vocab element 'bc' is not a single character"),
+        (["a", 12], "data.vocab element 12 is not a single character"),
+        ("abc", "data.vocab='abc' is a string; give a list of single characters"),
+        (["a", "b", "a"], "data.vocab lists 'a' twice"),
+    ],
+)
+def test_a_bad_vocab_element_is_named(tmp_path, text_file, vocab, expected):
+    from charlstm.errors import ConfigError
+
+    dm = CharDataModule(source="file", path=str(text_file("abcd" * 50)), data_dir=str(tmp_path), seq_len=5,
+                        vocab=vocab)  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        dm.load()
+    assert str(info.value).startswith(expected)
+
+
+def test_a_vocab_with_digits_as_hydra_reads_them(tmp_path, text_file):
+    dm = CharDataModule(source="file", path=str(text_file("a1b2" * 50)), data_dir=str(tmp_path), seq_len=5,
+                        vocab=["a", "b", 1, 2])  # fmt: skip
+    assert dm.load().chars == ["a", "b", "1", "2"]
+
+
+def _random_text(n: int, seed: int = 0) -> str:
+    """Text without repeats longer than a few words, so a validation tail found in training means a leak."""
+    gen = torch.Generator().manual_seed(seed)
+    words = ["".join(chr(97 + int(c)) for c in torch.randint(26, (int(k),), generator=gen))
+             for k in torch.randint(1, 9, (400,), generator=gen)]  # fmt: skip
+    picks = torch.randint(len(words), (n // 4,), generator=gen).tolist()
+    return " ".join(words[i] for i in picks)[:n] + "\n"
+
+
+def _options(group: str) -> list[str]:
+    from tests.conftest import CONFIG_DIR
+
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+@pytest.mark.parametrize("data", _options("data"))
+def test_validation_text_never_reaches_training(data, experiment, data_dir, tmp_path):
+    """Every corpus x recipe: the validation tail is nowhere in the training ids (extra plays included)."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_cfg
+
+    path = tmp_path / "own.txt"
+    path.write_text(_random_text(6000), encoding="utf-8")
+    cfg = compose_cfg("train", [f"experiment={experiment}", f"data={data}", f"paths.data_dir={data_dir}",
+                                "data.max_chars=4000", *([f"data.path={path}"] if data == "file" else [])])  # fmt: skip
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.load()
+    assert dm.train_ids.dtype == dm.val_ids.dtype == torch.uint8  # one byte per id: a byte search is an id search
+    train, val = dm.train_ids.numpy().tobytes(), dm.val_ids.numpy().tobytes()
+    assert len(val) >= 300 and val not in train
+    assert val[:60] not in train  # not even the first 60 chars of it
+    if data == "file":  # the recipe's extra plays belong to the play corpus: the file's own chars only
+        assert set(dm.vocab.chars) == set(path.read_text(encoding="utf-8")[:4000])

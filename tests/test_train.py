@@ -107,7 +107,7 @@ def test_every_experiment_and_debug_config_composes(option):
 
 def test_default_recipe_is_the_measured_one():
     cfg = compose_cfg("train")
-    assert (cfg.data.layout, cfg.data.extra_plays, cfg.model.encoding) == ("streams", "all", "embedding")
+    assert (cfg.data.layout, cfg.data.extra_plays, cfg.model.encoding) == ("streams", "auto", "embedding")
     assert cfg.data.play == "macbeth" and cfg.data.val_fraction == 0.1 and cfg.data.val_context == 50
     assert cfg.trainer.max_time == "00:00:10:00"
 

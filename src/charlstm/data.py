@@ -120,6 +120,75 @@ def split_ids(ids: torch.Tensor, val_fraction: float, seq_len: int) -> tuple[tor
     return train, val
 
 
+def extra_play_names(extra_plays: str | list[str] | None, source: str, play: str) -> list[str]:
+    """The plays added as extra training text: none for ``null``/``none``; ``auto``: every other play when the
+    corpus is a play from the package, none for a file; ``all``: every other play; or the named plays (a list,
+    one name, or names joined by commas). The main corpus's own plays are never added again, so its validation
+    tail cannot reach the training text (``play: all`` leaves nothing extra)."""
+    if extra_plays is None or extra_plays is False:
+        return []
+    if isinstance(extra_plays, str):
+        value = extra_plays.strip()
+        if value.lower() in ("", "none", "null"):
+            return []
+        if value == "auto":
+            if source != "play":
+                return []
+            value = "all"
+        requested = [n.strip() for n in value.split(",") if n.strip()]
+    elif isinstance(extra_plays, list | tuple):
+        requested = []
+        for name in extra_plays:
+            if not isinstance(name, str) or not name.strip():
+                raise ConfigError(
+                    f"data.extra_plays lists {name!r}, which is not a play name; use auto, all, none, "
+                    "a play name or a list of them, e.g. data.extra_plays=[hamlet,othello]"
+                )
+            requested.append(name.strip())
+    else:
+        raise ConfigError(
+            f"data.extra_plays={extra_plays!r} is not allowed; use auto, all, none, a play name or a list of them"
+        )
+    known = play_names()
+    if "all" in requested:
+        names = known
+    else:
+        unknown = [n for n in requested if n not in known]
+        if unknown:
+            raise ConfigError(
+                f"data.extra_plays names no play called {unknown[0]!r}; use auto, all, none or play names from: "
+                f"{', '.join(known)}"
+            )
+        names = list(dict.fromkeys(requested))
+    main = set(known) if source == "play" and play == "all" else {play} if source == "play" else set()
+    return [n for n in names if n not in main]
+
+
+def fixed_vocab(chars: list[str] | None) -> CharVocab | None:
+    """The vocabulary ``data.vocab`` fixes (fine-tuning), each element checked and named when wrong."""
+    if chars is None:
+        return None
+    if isinstance(chars, str):
+        raise ConfigError(
+            f"data.vocab={chars!r} is a string; give a list of single characters, e.g. data.vocab=[a,b,c]"
+        )
+    out: list[str] = []
+    for c in chars:
+        if isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 9:
+            c = str(c)  # Hydra reads [a,b,1] as a list holding the int 1
+        if not isinstance(c, str) or len(c) != 1:
+            raise ConfigError(
+                f"data.vocab element {c!r} is not a single character; data.vocab must be a list of single "
+                "characters, e.g. data.vocab=[a,b,c]"
+            )
+        if c in out:
+            raise ConfigError(f"data.vocab lists {c!r} twice; list each character once")
+        out.append(c)
+    if not out:
+        raise ConfigError("data.vocab is an empty list; list the characters, or set data.vocab=null")
+    return CharVocab(out)
+
+
 class CharDataModule(pl.LightningDataModule):
     """Reads the corpus, builds the vocabulary and serves training and validation batches."""
 
@@ -178,7 +247,8 @@ class CharDataModule(pl.LightningDataModule):
         if not text:
             raise CorpusError("the corpus is empty; choose a text with characters in it")
         extra = self._extra_text()
-        vocab = CharVocab(self._fixed_vocab) if self._fixed_vocab else CharVocab.from_text(extra + text)
+        fixed = fixed_vocab(self._fixed_vocab)
+        vocab = fixed if fixed is not None else CharVocab.from_text(extra + text)
         ids = vocab.encode(text, dtype=vocab.id_dtype)
         del text
         train, self.val_ids = split_ids(ids, self.val_fraction, max(self.seq_len, self.val_context))
@@ -191,13 +261,9 @@ class CharDataModule(pl.LightningDataModule):
         return vocab
 
     def _extra_text(self) -> str:
-        """The other plays of the corpus package, when ``extra_plays`` asks for them ('' otherwise)."""
-        if not self.extra_plays:
-            return ""
-        names = play_names() if self.extra_plays == "all" else list(self.extra_plays)
-        main = self.corpus_args["play"] if self.corpus_args["source"] == "play" else None
-        texts = [play_text(n, self.corpus_args["data_dir"]) for n in names if n != main]
-        extra = "\n\n".join(texts)
+        """The plays ``extra_plays`` adds as training text, joined ('' for none)."""
+        names = extra_play_names(self.extra_plays, self.corpus_args["source"], self.corpus_args["play"])
+        extra = "\n\n".join(play_text(n, self.corpus_args["data_dir"]) for n in names)
         return extra.lower() if self.lowercase else extra
 
     def setup(self, stage: str | None = None) -> None:

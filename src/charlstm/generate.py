@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from charlstm import checkpoint
 from charlstm.config import Rule, check
 from charlstm.errors import CharLSTMError, ConfigError, exit_on_error
+from charlstm.fileio import atomic_write_text
 from charlstm.sampling import MODES, UNKNOWN, Generator
 
 GENERATE_RULES: dict[str, Rule] = {
@@ -90,8 +91,10 @@ def format_samples(texts: list[str]) -> str:
 def write_output(path: str, text: str) -> Path:
     file = Path(path).expanduser()
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        file.write_text(text, encoding="utf-8")
+        if file.exists() and not file.is_file():  # a device or pipe (/dev/stdout): written in place
+            file.write_text(text, encoding="utf-8")
+        else:
+            atomic_write_text(file, text)
     except OSError as err:
         raise ConfigError(f"output={file} cannot be written ({err.strerror or err}); choose another path") from None
     return file
