@@ -152,14 +152,38 @@ def release(*keys: str) -> None:
     os.environ[DIRS_ENV] = json.dumps(claims)
 
 
+def job_key(sweep_dir: str, num: Any) -> str:
+    return f"job:{sweep_dir}:{num}"
+
+
+def claim_job_dir(sweep_dir: str, num: Any, overrides: Sequence[str]) -> str:
+    """The folder of job ``num`` of the sweep in ``sweep_dir`` (whose overrides are ``overrides``), claimed once."""
+    return claimed(job_key(sweep_dir, num), str(Path(sweep_dir) / job_dirname(num, swept_overrides(overrides))))
+
+
+def hand_off(key: str) -> dict[str, Any]:
+    """This process's claim of ``key``, taken out of its environment, for the process that runs the job (a cluster
+    job, started again when it is requeued): given to :func:`adopt` there, it names the same folder every time."""
+    claims = _claims()
+    entry = claims.pop(key)
+    os.environ[DIRS_ENV] = json.dumps(claims)
+    return {key: entry}
+
+
+def adopt(claims: dict[str, Any]) -> None:
+    """Take ``claims`` (from :func:`hand_off`) as this process's own: resolving their folders gives those."""
+    mine = _claims()
+    mine.update({key: {**entry, "pid": os.getpid()} for key, entry in claims.items()})
+    os.environ[DIRS_ENV] = json.dumps(mine)
+
+
 def _unique_dir(base: str, kind: str = "run") -> str:
     return claimed(kind, str(base))
 
 
 def _job_dir(sweep_dir: str, num: Any, *, _root_: DictConfig) -> str:
     overrides = list(OmegaConf.select(_root_, "hydra.overrides.task", default=[]) or [])
-    name = job_dirname(num, swept_overrides(overrides))
-    return Path(claimed(f"job:{sweep_dir}:{num}", str(Path(sweep_dir) / name))).name
+    return Path(claim_job_dir(sweep_dir, num, overrides)).name
 
 
 def register_resolvers() -> None:
