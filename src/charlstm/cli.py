@@ -127,13 +127,14 @@ def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
 
     Hydra's own errors (unknown choice, mistyped key, unreadable override) become one ``error:`` line and
     exit status 1; ``HYDRA_FULL_ERROR=1`` set by the user still shows Hydra's full traceback. A launcher's
-    error (a cluster job that failed) is its one line too.
+    error (a cluster job that failed) is its one line too. A command that fails takes away the run and sweep
+    folders it claimed and left unused (e.g. a launcher refused before the first job).
     """
     import hydra
 
     from charlstm.cluster import quiet_schema_note
     from charlstm.errors import CharLSTMError
-    from charlstm.rundir import register_resolvers
+    from charlstm.rundir import discard_unused, register_resolvers
 
     register_resolvers()  # run and sweep folders (configs/hydra/default.yaml)
     quiet_schema_note()
@@ -163,10 +164,16 @@ def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
     try:
         return main()
     except (HydraException, OmegaConfBaseException) as err:
+        discard_unused()
         if user_full_error:
             raise
         print(f"error: {hydra_error_line(err, config_dir, config_name, args)}", file=sys.stderr, flush=True)
         sys.exit(1)
     except CharLSTMError as err:
+        discard_unused()
         print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
+    except BaseException as err:
+        if not (isinstance(err, SystemExit) and err.code in (0, None)):
+            discard_unused()
+        raise

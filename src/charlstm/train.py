@@ -455,7 +455,9 @@ def report(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]) 
 def remove_if_empty(folder: Path, root: Path) -> None:
     """A run refused before it started leaves no folder behind (only Hydra's copy of the config and the log),
     nor the date folders above it that it alone made."""
-    if not (folder.is_dir() and all(p.name in (".hydra", "train.log") for p in folder.iterdir())):
+    from charlstm.rundir import is_unused
+
+    if not is_unused(folder):
         return
     shutil.rmtree(folder, ignore_errors=True)
     root, parent = root.resolve(), folder.resolve().parent
