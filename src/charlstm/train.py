@@ -34,6 +34,7 @@ from charlstm.errors import (
     process_rank,
 )
 from charlstm.hardware import resolve_precision
+from charlstm.jobranks import sweep_job_ranks
 from charlstm.logs import quiet_known_warnings, route_library_logs
 from charlstm.progress import FinalValidation, ValidationLog
 from charlstm.reliability import AtomicCheckpointIO, LastCheckpoint, ensure_last_checkpoint
@@ -391,23 +392,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info(describe(cfg, out))
         save_run_config(cfg, out, ckpt_path, step)
     del ckpt
-    try:
-        with warnings.catch_warnings():
-            # A resumed run writes into its own checkpoint folder on purpose.
-            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-            trainer.fit(
-                model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
-            )
-    except (KeyboardInterrupt, SystemExit) as exc:
-        raise interrupted_error(exc, trainer, last) from None
-    except CharLSTMError:
-        raise
-    except Exception as exc:  # a bug or a library failure: say where the last good state is
-        raise failed_error(exc, trainer, last, out) from exc
+    with sweep_job_ranks(trainer):  # DDP in a multirun job: its other ranks run this job, then end
+        try:
+            with warnings.catch_warnings():
+                # A resumed run writes into its own checkpoint folder on purpose.
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+                trainer.fit(
+                    model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
+                )
+        except (KeyboardInterrupt, SystemExit) as exc:
+            raise interrupted_error(exc, trainer, last) from None
+        except CharLSTMError:
+            raise
+        except Exception as exc:  # a bug or a library failure: say where the last good state is
+            raise failed_error(exc, trainer, last, out) from exc
 
-    if "val/bpc" not in trainer.callback_metrics and trainer.enable_validation and trainer.global_step > 0:
-        # no validation fell inside the run (e.g. check_val_every_n_epoch beyond max_epochs): score it once now
-        trainer.validate(model, datamodule=datamodule, verbose=False)
+        if "val/bpc" not in trainer.callback_metrics and trainer.enable_validation and trainer.global_step > 0:
+            # no validation fell inside the run (e.g. check_val_every_n_epoch beyond max_epochs): score it once now
+            trainer.validate(model, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer,
                "callbacks": callbacks, "loggers": loggers, "output_dir": out}  # fmt: skip
