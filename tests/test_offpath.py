@@ -97,6 +97,11 @@ def test_debug_fast_runs_on_the_default_recipe(tmp_path):
         (["experiment=fast"], "error: experiment=fast is not a known choice; choices: charrnn, default,"),
         (["model.unit=64"], "error: model.unit is not a setting: did you mean model.units?"),
         (["data.seq_len=0"], "error: data.seq_len=0 is not allowed: it must be an integer >= 1"),
+        (
+            ["-m", "model.units=8,16", "--cfg", "job"],
+            "error: --cfg prints the config of one run, and Hydra does not "
+            "combine it with -m: drop -m and give each swept key one value, e.g. model.units=8 (",
+        ),
     ],
 )
 def test_mistakes_are_one_line_and_leave_no_run_folder(tmp_path, args, expected):

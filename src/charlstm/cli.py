@@ -122,6 +122,48 @@ def launcher_without_multirun(args: Sequence[str]) -> str | None:
     return chosen
 
 
+# Hydra's modes, of which one command takes one (hydra/_internal/utils.py, _run_hydra)
+_MODES = {"-m": "-m", "--multirun": "-m", "-r": "--run", "--run": "--run", "-c": "--cfg", "--cfg": "--cfg",
+          "-i": "--info", "--info": "--info", "-sc": "--shell-completion",
+          "--shell-completion": "--shell-completion"}  # fmt: skip
+
+
+def _first_sweep(args: Sequence[str]) -> str | None:
+    """``model.units=8`` for ``model.units=8,16``: the first swept override of ``args`` at its first value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for arg in _overrides(args):
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # Hydra reports it itself
+            continue
+        if override.is_sweep_override():
+            first = next(iter(override.sweep_string_iterator()), None)
+            return f"{override.get_key_element()}={first}" if first is not None else None
+    return None
+
+
+def mode_error_line(err: ValueError, args: Sequence[str]) -> str | None:
+    """One line for Hydra's refusal of two modes in one command (``-m`` with ``--cfg``) or of ``--resolve`` without
+    ``--cfg``; None for any other error."""
+    if str(err).startswith("The --resolve flag can only be used"):
+        return "--resolve applies to --cfg (or --help): add --cfg job to print the resolved config, or drop --resolve"
+    if not str(err).startswith("Only one of --run, --multirun, --cfg"):
+        return None
+    given = list(dict.fromkeys(_MODES[a.split("=", 1)[0]] for a in args if a.split("=", 1)[0] in _MODES))
+    if "-m" in given and ("--cfg" in given or "--info" in given):
+        shown = "--cfg prints the config" if "--cfg" in given else "--info describes the composition"
+        example = _first_sweep(args)
+        fix = f"drop -m and give each swept key one value, e.g. {example}" if example else "drop -m"
+        return (
+            f"{shown} of one run, and Hydra does not combine it with -m: {fix} (each job of a sweep saves its own "
+            "config.yaml in its folder)"
+        )
+    return f"{' and '.join(given) or 'these options'} cannot be used together: Hydra takes one of -m, --run, --cfg, " \
+           "--info and --shell-completion per command"  # fmt: skip
+
+
 def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
     """Run ``task`` (``module:function`` taking the composed config) under ``@hydra.main``.
 
@@ -173,6 +215,12 @@ def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
         discard_unused()
         print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
+    except ValueError as err:
+        line = mode_error_line(err, args)
+        if line is None or user_full_error:
+            raise
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except BaseException as err:
         if not (isinstance(err, SystemExit) and err.code in (0, None)):
             discard_unused()
