@@ -113,6 +113,7 @@ class CharLSTMModule(pl.LightningModule):
         self._val_count += y.numel()
 
     def on_validation_epoch_end(self) -> None:
+        # every rank's share summed: each rank logs the whole validation's numbers (no sync_dist needed)
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
         count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
         loss = (total / count.clamp(min=1)).float()

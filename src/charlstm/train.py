@@ -290,6 +290,20 @@ def fit_val_interval(cfg: DictConfig, datamodule: Any) -> None:
             cfg.trainer.val_check_interval = n
 
 
+def fit_log_interval(cfg: DictConfig, datamodule: Any) -> None:
+    """A logging interval longer than the epoch becomes the epoch (a short text, a big batch, a debug preset), so
+    every epoch logs its training loss (Lightning would otherwise warn that it logs none)."""
+    interval = cfg.trainer.get("log_every_n_steps")
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+        return
+    n = batches_per_epoch(cfg, datamodule)
+    if n is not None and interval > n:
+        log.info("trainer.log_every_n_steps=%d is longer than the %d training batches of an epoch: logging every "
+                 "%d", interval, n, n, extra={"file_only": True})  # fmt: skip
+        with open_dict(cfg):
+            cfg.trainer.log_every_n_steps = n
+
+
 def failed_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpoint, out: Path) -> TrainingFailed:
     """The one line for an unexpected exception during training; the traceback goes to train.log."""
     log.error("training failed at step %d", trainer.global_step, exc_info=exc, extra={"file_only": True})
@@ -367,6 +381,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
         check_prompt(Generator.from_module(model), cfg.sample.prompt, "sample.prompt")
     fit_val_interval(cfg, datamodule)
+    fit_log_interval(cfg, datamodule)
     out = Path(cfg.paths.output_dir)
     callbacks = instantiate_named(cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):
