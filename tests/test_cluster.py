@@ -49,6 +49,8 @@ def test_a_slurm_sweep_sends_one_ddp_job_per_point_sized_to_the_trainer(tmp_path
     assert sent["executor"] == "SlurmExecutor" and sent["launcher"] == "SlurmLauncher"
     jobs = sent["jobs"]
     assert [j["config"]["model"]["units"] for j in jobs] == [128, 256]
+    assert [Path(j["folder"]) for j in jobs] == [tmp_path / "sweep" / "0_model.units=128",
+                                                 tmp_path / "sweep" / "1_model.units=256"]  # fmt: skip
     trainer = jobs[0]["config"]["trainer"]
     assert (trainer["strategy"], trainer["accelerator"], trainer["num_nodes"]) == ("ddp", "gpu", 2)
     # one sbatch array: each element one Lightning run, one task per GPU on each of the trainer's nodes
