@@ -47,19 +47,23 @@ def test_ddp_cpu_trains_in_one_folder_and_writes_one_checkpoint_set(tmp_path, da
 
 @pytest.mark.slow
 def test_ddp_cpu_in_a_local_sweep_trains_each_job_once_in_its_own_folder(tmp_path, data_dir):
-    # Lightning starts rank 1 by running the command line again: it must run its job only, in the job's folder.
-    sweep = tmp_path / "sweep"
+    # Lightning starts rank 1 by running the command line again: it must run its job only, in the job's folder, with
+    # the job's values as given (a prompt that needs quoting for Hydra, quoted once, on a text without quotes).
+    sweep, text = tmp_path / "sweep", tmp_path / "asm.txt"
+    text.write_text("".join(f"mov eax, [ebp-{i % 16}]; add ebx, 0x{i % 256:02x}\n" for i in range(200)))
     cmd = [
-        sys.executable, str(ROOT / "train.py"), "-m", "trainer=ddp_cpu", *TINY, "model.units=8,12",
-        "trainer.max_steps=3", "trainer.enable_progress_bar=false", "sample.length=0", "callbacks.text_sample=null",
-        f"paths.outputs_root={tmp_path}", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}",
+        sys.executable, str(ROOT / "train.py"), "-m", "trainer=ddp_cpu", *TINY, "model.units=8,12", "data=file",
+        f"data.path={text}", "trainer.max_steps=3", "trainer.enable_progress_bar=false", "sample.length=5",
+        "sample.prompt=mov eax, [", "callbacks.text_sample=null", f"paths.outputs_root={tmp_path}",
+        f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}",
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("All distributed processes registered. Starting with 2 processes") == 2
     assert done.stdout.count("sweep summary (2 jobs") == 1  # rank 1 ran no sweep of its own
+    assert done.stdout.count("\nmov eax, [") == 2  # each job's sample, from the prompt as given
 
-    assert list(tmp_path.iterdir()) == [sweep]  # no run folder claimed beside the sweep
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["asm.txt", "sweep"]  # no run folder beside the sweep
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0_model.units=8", "1_model.units=12"]
     for job, units in zip(jobs, (8, 12), strict=True):

@@ -16,6 +16,9 @@ from typing import Any
 # arrive exactly as the shell gave them.
 LITERAL_KEYS = ("prompt", "sample.prompt", "callbacks.text_sample.prompt")
 _LITERAL = re.compile(r"^(\+{0,2})(" + "|".join(re.escape(k) for k in LITERAL_KEYS) + r")=(.*)$", re.DOTALL)
+# Set once this command line's free-text values are quoted for Hydra. Lightning starts the other DDP ranks by running
+# the command line again, with this environment: quoted a second time, a value would keep its quotes as text.
+QUOTED_ENV = "CHARLSTM_ARGS_QUOTED"
 
 
 def quote_value(value: str) -> str:
@@ -184,7 +187,8 @@ def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
     user_full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Makes Hydra raise instead of printing its multi-line report, so the error can be said in one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    args = literal_args(sys.argv[1:])
+    args = sys.argv[1:] if os.environ.get(QUOTED_ENV) == "1" else literal_args(sys.argv[1:])
+    os.environ[QUOTED_ENV] = "1"
     sys.argv = [sys.argv[0], *args]
     launcher = launcher_without_multirun(args)
     if launcher:
