@@ -187,7 +187,8 @@ def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
     user_full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Makes Hydra raise instead of printing its multi-line report, so the error can be said in one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    args = sys.argv[1:] if os.environ.get(QUOTED_ENV) == "1" else literal_args(sys.argv[1:])
+    rank_started_by_lightning = os.environ.get(QUOTED_ENV) == "1" and os.environ.get("LOCAL_RANK", "0") != "0"
+    args = sys.argv[1:] if rank_started_by_lightning else literal_args(sys.argv[1:])
     os.environ[QUOTED_ENV] = "1"
     sys.argv = [sys.argv[0], *args]
     launcher = launcher_without_multirun(args)
