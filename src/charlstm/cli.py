@@ -221,6 +221,7 @@ def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
         print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
     except ValueError as err:
+        discard_unused()
         line = mode_error_line(err, args)
         if line is None or user_full_error:
             raise

@@ -5,7 +5,9 @@ Hydra resolves ``hydra.run.dir`` and ``hydra.sweep.dir`` through the ``charlstm.
 ``hydra.sweep.subdir`` through ``charlstm.job_dir`` (configs/hydra/default.yaml). The folder a process claims is
 kept in ``os.environ``: resolving the same setting again in that process (Lightning reads ``hydra.run.dir`` to
 start the DDP ranks, Hydra re-reads the sweep folder for every job) gives the same folder, and processes started
-from it inherit the choice.
+from it inherit the choice. A cluster launcher claims each job's folder when it submits the job and sends the claim
+with it (:func:`hand_off`, :func:`adopt`): every task of the job, and every start of it after a requeue, uses that
+folder. A command that fails takes away the folders it claimed and left unused (:func:`discard_unused`).
 """
 
 from __future__ import annotations
