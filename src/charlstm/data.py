@@ -9,9 +9,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from charlstm.corpus import load_text, play_names, play_text
+from charlstm.corpus import corpus_file, play_names, play_text
 from charlstm.errors import ConfigError, CorpusError
 from charlstm.net import ENCODINGS, encode_inputs
+from charlstm.prepared import check_covers, keep_present, prepare, recode
 from charlstm.vocab import CharVocab
 
 LAYOUTS = ("windows", "streams")
@@ -239,26 +240,33 @@ class CharDataModule(pl.LightningDataModule):
         """Read the corpus once, build the vocabulary and the two id tensors; returns the vocabulary."""
         if self.vocab is not None:
             return self.vocab
-        text = load_text(**self.corpus_args)
-        if self.lowercase:
-            text = text.lower()
-        if self.max_chars:
-            text = text[: self.max_chars]
-        if not text:
+        args = self.corpus_args
+        file, where, key = corpus_file(args["source"], args["play"], args["path"], args["sha256"], args["data_dir"])
+        errors = args["errors"] if args["source"] == "file" else "strict"
+        # ids memory-mapped from data_dir/prepared/ (the text is read and encoded once, on the first run)
+        corpus = prepare(file, args["data_dir"], where=where, key=key, lowercase=self.lowercase, errors=errors)
+        ids, vocab = corpus.ids, corpus.vocab
+        if self.max_chars and self.max_chars < len(ids):
+            ids, vocab = keep_present(ids[: self.max_chars], vocab)
+        if len(ids) == 0:
             raise CorpusError("the corpus is empty; choose a text with characters in it")
         extra = self._extra_text()
-        fixed = fixed_vocab(self._fixed_vocab)
-        vocab = fixed if fixed is not None else CharVocab.from_text(extra + text)
-        ids = vocab.encode(text, dtype=vocab.id_dtype)
-        del text
+        target = fixed_vocab(self._fixed_vocab)
+        if target is None and extra:
+            target = CharVocab(sorted(set(vocab.chars) | set(CharVocab.from_text(extra).chars)))
+        target = target or vocab
+        ids = recode(ids, vocab, target)  # a copy only where the numbering differs (a fixed or a wider vocabulary)
         train, self.val_ids = split_ids(ids, self.val_fraction, max(self.seq_len, self.val_context))
         if extra:
             # More training text only: the validation split stays the main corpus's own tail. The main
             # training text comes last, `main_repeat` times, so some streams read in-domain text every step.
-            train = torch.cat([vocab.encode(extra, dtype=vocab.id_dtype), *[train] * self.main_repeat])
+            # (A play corpus is small: the joined copy costs little; a user's big file is only copied so when
+            # data.extra_plays asks for plays on top of it.)
+            check_covers(target, CharVocab.from_text(extra).chars)
+            train = torch.cat([target.encode(extra, dtype=target.id_dtype), *[train] * self.main_repeat])
         self.train_ids = train
-        self.vocab = vocab
-        return vocab
+        self.vocab = target
+        return target
 
     def _extra_text(self) -> str:
         """The plays ``extra_plays`` adds as training text, joined ('' for none)."""
