@@ -34,8 +34,8 @@ generate: install ## generate text from the newest run's last.ckpt
 eval: install ## bits/char of the newest run's last.ckpt on its validation text (ARGS='data=file data.path=X')
 	$(PY) eval.py ckpt=last $(ARGS)
 
-test: install ## run the test suite
-	$(PY) -m pytest -q $(ARGS)
+test: install ## run the test suite (one worker per core; make test ARGS='-n 0 -k resume' for one process)
+	$(PY) -m pytest -q -n auto $(ARGS)
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -46,11 +46,10 @@ format: install ## ruff fix and format
 tensorboard: install ## TensorBoard over every run and sweep job under outputs/
 	$(BIN)/tensorboard --logdir outputs
 
-sweep: install ## a small sweep: units x seq_len, one folder per job under outputs/multirun/
+sweep: install ## a sweep: units x seq_len (4 default runs); job folders and summary.md under outputs/multirun/
 	$(PY) train.py -m model.units=64,128 data.seq_len=50,100 $(ARGS)
 
 bench: install ## the README's performance and quality tables (see benchmarks/)
-	$(PIP) install -q -e ".[dev,bench]"
 	$(PY) benchmarks/train_bench.py $(ARGS)
 	$(PY) benchmarks/generate_speed.py
 

@@ -280,7 +280,7 @@ def plot(curves: dict, path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'); no plot written", file=sys.stderr)
+        print("matplotlib is not installed (pip install matplotlib); no plot written", file=sys.stderr)
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, res in curves.items():

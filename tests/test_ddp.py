@@ -1,5 +1,5 @@
-"""`trainer=ddp_cpu`: two CPU processes (gloo) train one model in one run folder; rank 0 alone reports, logs and
-writes the checkpoints."""
+"""`trainer=ddp_cpu`: two CPU processes (gloo) train one model in one run folder (the one rank 0 claimed); rank 0
+alone reports, logs and writes the checkpoints."""
 
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ddp_cpu_trains_in_one_folder_and_writes_one_checkpoint_set(tmp_path, data_dir):
     cmd = [
         sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu", *TINY, "trainer.enable_progress_bar=false",
-        "sample.length=20", f"paths.outputs_root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
-        f"paths.data_dir={data_dir}",
+        "sample.length=20", f"paths.outputs_root={tmp_path}", f"paths.data_dir={data_dir}",
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -29,11 +28,14 @@ def test_ddp_cpu_trains_in_one_folder_and_writes_one_checkpoint_set(tmp_path, da
     assert done.stdout.count("run folder:") == 1  # the summary comes from rank 0 only
     assert not [line for line in done.stderr.splitlines() if line.startswith(("error", "Traceback"))]
 
-    run = tmp_path / "run"
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["run"]  # rank 1 made no folder of its own
-    ckpts = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.ckpt"))
-    assert len(ckpts) == 2 and "run/checkpoints/last.ckpt" in ckpts
-    assert [c for c in ckpts if c.startswith("run/checkpoints/best-")]
+    # the default run folder, outputs/<date>/<time>: rank 1 made no folder of its own
+    folders = [p for p in tmp_path.glob("*/*") if p.is_dir()]
+    assert len(folders) == 1 and len(list(tmp_path.iterdir())) == 1
+    run = folders[0]
+    assert (run / "config.yaml").is_file() and (run / "train_ddp_process_1.log").is_file()
+    ckpts = sorted(p.relative_to(run).as_posix() for p in tmp_path.rglob("*.ckpt"))
+    assert len(ckpts) == 2 and "checkpoints/last.ckpt" in ckpts
+    assert [c for c in ckpts if c.startswith("checkpoints/best-")]
     last = checkpoint.load(run / "checkpoints" / "last.ckpt")
     assert last["global_step"] > 0 and last["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())

@@ -113,19 +113,41 @@ def hydra_error_line(err: BaseException, config_dir: Path, config_name: str, arg
     return text
 
 
+def launcher_without_multirun(args: Sequence[str]) -> str | None:
+    """``hydra/launcher=X`` on a command that is not a multirun (where Hydra would quietly run it here)."""
+    chosen = next((a for a in args if a.startswith("hydra/launcher=")), None)
+    modes = {"-m", "--multirun", "-c", "--cfg", "-i", "--info", "-h", "--help", "--hydra-help", "-sc"}
+    if chosen is None or modes & set(args) or any(a.startswith("--shell-completion") for a in args):
+        return None
+    return chosen
+
+
 def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
     """Run ``task`` (``module:function`` taking the composed config) under ``@hydra.main``.
 
     Hydra's own errors (unknown choice, mistyped key, unreadable override) become one ``error:`` line and
-    exit status 1; ``HYDRA_FULL_ERROR=1`` set by the user still shows Hydra's full traceback.
+    exit status 1; ``HYDRA_FULL_ERROR=1`` set by the user still shows Hydra's full traceback. A launcher's
+    error (a cluster job that failed) is its one line too.
     """
     import hydra
+
+    from charlstm.cluster import quiet_schema_note
+    from charlstm.errors import CharLSTMError
+    from charlstm.rundir import register_resolvers
+
+    register_resolvers()  # run and sweep folders (configs/hydra/default.yaml)
+    quiet_schema_note()
 
     user_full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Makes Hydra raise instead of printing its multi-line report, so the error can be said in one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     args = literal_args(sys.argv[1:])
     sys.argv = [sys.argv[0], *args]
+    launcher = launcher_without_multirun(args)
+    if launcher:
+        print(f"error: {launcher} applies to -m runs only (Hydra launches multiruns; one job is fine): "
+              f"python {Path(sys.argv[0]).name} -m {' '.join(args)}", file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(1)
     module_name, _, function = task.partition(":")
 
     def main(cfg: Any) -> Any:
@@ -145,3 +167,6 @@ def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
             raise
         print(f"error: {hydra_error_line(err, config_dir, config_name, args)}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except CharLSTMError as err:
+        print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)

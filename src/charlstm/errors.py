@@ -48,20 +48,29 @@ class TrainingInterrupted(CharLSTMError):
     """Ctrl-C or SIGTERM stopped training; the message says what was saved and how to resume.
 
     The exit status is the shell's convention for a signal, 128 + its number: 130 for Ctrl-C (SIGINT),
-    143 for SIGTERM, so schedulers and scripts see an unfinished run.
+    143 for SIGTERM, so schedulers and scripts see an unfinished run; a job that requeued itself exits with
+    the status its job runner chose (``exit_code``).
     """
 
     prefix = "interrupted"
 
-    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+    def __init__(self, message: str, signum: int = signal.SIGINT, exit_code: int | None = None) -> None:
         super().__init__(message)
         self.signum = int(signum)
-        self.exit_code = 128 + self.signum
+        self.exit_code = 128 + self.signum if exit_code is None else exit_code
+
+
+class JobFailed(CharLSTMError):
+    """A job a launcher started (on SLURM, or locally through submitit) ended without a result."""
 
 
 def process_rank() -> int:
-    """This process's rank in a multi-process run (0 when alone), from the variables the launchers set."""
-    for var in ("RANK", "LOCAL_RANK"):
+    """This process's rank in a multi-process run (0 when alone), from the variables the launchers set: torchrun,
+    srun (one task per device on SLURM) or Lightning's own process launcher."""
+    names = ["RANK", "LOCAL_RANK"]
+    if os.environ.get("SLURM_NTASKS", "1").isdigit() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        names.insert(1, "SLURM_PROCID")
+    for var in names:
         value = os.environ.get(var, "")
         if value.isdigit():
             return int(value)

@@ -31,8 +31,11 @@ class ValidationLog(Callback):
     """One line per validation: step, epoch, val/bpc (and the best so far), val/loss, train/loss.
 
     Always in train.log; on the console only when no progress bar is shown (logs and scripts), since the bar
-    already carries val/bpc.
+    already carries val/bpc. ``history`` keeps (step, val/bpc) of each validation, for the run's result.json.
     """
+
+    def __init__(self) -> None:
+        self.history: list[tuple[int, float]] = []
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
@@ -40,6 +43,7 @@ class ValidationLog(Callback):
         m = trainer.callback_metrics
         if "val/bpc" not in m:
             return
+        self.history.append((trainer.global_step, float(m["val/bpc"])))
         bar = trainer.progress_bar_callback is not None
         log.info(
             "validation at step %d (epoch %d): val/bpc %s (best %s), val/loss %s nats/char, train/loss %s",

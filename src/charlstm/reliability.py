@@ -21,6 +21,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
+from charlstm.cluster import hand_over, requeue_signal
 from charlstm.errors import CharLSTMError, DivergenceError, TrainingInterrupted
 from charlstm.fileio import TMP_SUFFIX, atomic_write
 
@@ -107,8 +108,10 @@ class LastCheckpoint(Checkpoint):
     stopping and the learning-rate schedule are in it) and at the end of training; so ``kill -9`` loses at most
     the work since the last write.
     On the first Ctrl-C or SIGTERM the current batch finishes, ``last.ckpt`` is written and the run ends with
-    :class:`TrainingInterrupted`; a second Ctrl-C quits at once without saving. With several processes (DDP)
-    all ranks agree on when to save and stop, so a signal to any one of them stops all.
+    :class:`TrainingInterrupted`; a second Ctrl-C quits at once without saving. In a job that submitit started,
+    its requeue signal (SIGUSR2, sent before the time limit) does the same and then hands the signal to
+    submitit, which requeues the job; the requeued job resumes from that ``last.ckpt``. With several processes
+    (DDP) all ranks agree on when to save and stop, so a signal to any one of them stops all.
 
     The checkpoint also carries the random generators' states, so a run resumed from an epoch boundary
     draws the same shuffles and dropout masks as one that never stopped.
@@ -133,6 +136,7 @@ class LastCheckpoint(Checkpoint):
         self._replay_plateau: list[tuple[int, float]] = []
         self._last_save_time = time.monotonic()
         self._previous_handlers: dict[int, Any] = {}
+        self._requeue_signal: int | None = None
         self._is_global_zero = True
         self._stepping = False
 
@@ -161,7 +165,8 @@ class LastCheckpoint(Checkpoint):
         if self.handle_signals and threading.current_thread() is threading.main_thread():
             # Installed after Lightning's (registered just before training starts), which it replaces for the
             # run: Lightning's SIGTERM handler broadcasts from inside the handler, which can deadlock DDP.
-            for signum in _SIGNALS:
+            self._requeue_signal = requeue_signal()
+            for signum in (*_SIGNALS, *([self._requeue_signal] if self._requeue_signal else [])):
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -175,6 +180,8 @@ class LastCheckpoint(Checkpoint):
             # os.write: print() is not safe inside a signal handler (the main thread may be mid-print).
             name = signal.Signals(signum).name
             again = " (Ctrl-C again quits without saving)" if signum == signal.SIGINT else ""
+            if signum == self._requeue_signal:
+                again = " and requeueing the job"
             os.write(sys.stderr.fileno(), f"\n{name}: finishing this batch, then saving {LAST}{again}\n".encode())
 
     def _restore_handlers(self) -> None:
@@ -230,12 +237,17 @@ class LastCheckpoint(Checkpoint):
             self.train_time_interval is not None and time.monotonic() - self._last_save_time >= self.train_time_interval
         )
         if trainer.world_size > 1:
-            # One collective per batch: any rank's signal stops all; rank 0's clock decides timed saves.
-            flags = torch.tensor([float(stop), float(due_time and trainer.is_global_zero)],
+            # One collective per batch: any rank's signal stops all (and any rank's requeue signal requeues);
+            # rank 0's clock decides timed saves.
+            requeue = stop and self.signal_received == self._requeue_signal
+            flags = torch.tensor([float(stop) + float(requeue), float(due_time and trainer.is_global_zero)],
                                  device=trainer.strategy.root_device)  # fmt: skip
             flags = trainer.strategy.reduce(flags, reduce_op="max")
-            stop, due_time = bool(flags[0].item()), bool(flags[1].item())
-            if stop and self.signal_received is None:
+            kind, due_time = int(flags[0].item()), bool(flags[1].item())
+            stop = kind > 0
+            if kind == 2 and self._requeue_signal is not None:
+                self.signal_received = self._requeue_signal
+            elif stop and self.signal_received is None:
                 self.signal_received = signal.SIGTERM
         due_steps = self.every_n_train_steps > 0 and step % self.every_n_train_steps == 0
         if stop:
@@ -247,6 +259,12 @@ class LastCheckpoint(Checkpoint):
         signum = self.signal_received or signal.SIGINT
         path = self.save(trainer)
         name = signal.Signals(signum).name
+        if signum == self._requeue_signal:
+            note, code = hand_over(self._previous_handlers.get(signum), signum, path)
+            raise TrainingInterrupted(
+                f"{name} at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {path}; {note}",
+                signum, code,
+            )  # fmt: skip
         raise TrainingInterrupted(
             f"{name} at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {path}; "
             f"resume with: python train.py ckpt_path={path}",

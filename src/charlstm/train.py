@@ -6,6 +6,8 @@ import logging
 import os
 import shutil
 import signal
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from pytorch_lightning.callbacks import Checkpoint, LearningRateMonitor, ModelCh
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from charlstm import checkpoint
+from charlstm import checkpoint, cluster
 from charlstm.callbacks import ConfigHParams, check_prompt, sample_prompt
 from charlstm.config import validate_train
 from charlstm.errors import (
@@ -320,7 +322,8 @@ def describe(cfg: DictConfig, out: Path) -> str:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    plugins = [AtomicCheckpointIO(), *cluster.lightning_plugins(cfg.trainer)]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -330,6 +333,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         run_dir = run_folder_of(resolve_resume(cfg))
         if run_dir is not None:
             cfg = resumed_config(cfg, run_dir, overrides)
+    requeued = cluster.requeued_checkpoint(Path(cfg.paths.output_dir))
+    if requeued is not None:  # a requeued cluster job: the same job again, going on from where it stopped
+        with open_dict(cfg):
+            cfg.ckpt_path = str(requeued)
     OmegaConf.set_struct(cfg, True)
     validate_train(cfg)
     check_accelerator(str(cfg.trainer.accelerator))
@@ -429,7 +436,9 @@ def report(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]) 
         names = [n for n in ("last.ckpt" if last else "", best and Path(best.best_model_path).name) if n]
         lines.append(f"checkpoints:  {folder}  ({', '.join(names)})")
     if any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers):
-        lines.append(f"tensorboard:  tensorboard --logdir {out.parent if out.name.isdigit() else out}")
+        job = sweep_job()
+        logdir = job[2] if job is not None and out.parent == job[2] else out  # a sweep: all its jobs side by side
+        lines.append(f"tensorboard:  tensorboard --logdir {logdir}")
     if "val/bpc" in metrics:
         lines.append(
             f"val/bpc:      {metrics['val/bpc']:.4f} (final)   {metrics.get('val/bpc_best', float('nan')):.4f} (best)"
@@ -469,11 +478,84 @@ def hydra_run_dir() -> Path | None:
         return None
 
 
+def sweep_job() -> tuple[int, list[str], Path] | None:
+    """(job number, its overrides, the sweep folder) when this run is a job of a multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return int(hydra_cfg.job.num), list(hydra_cfg.overrides.task), Path(str(hydra_cfg.sweep.dir))
+
+
+def run_result(
+    cfg: DictConfig,
+    state: str,
+    seconds: float,
+    objects: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+    error: BaseException | None = None,
+) -> dict[str, Any]:
+    """What ``result.json`` holds for this run: its swept settings, outcome, numbers and validation curve."""
+    from charlstm.rundir import override_key, swept_overrides
+
+    job = sweep_job()
+    overrides = swept_overrides(hydra_overrides() or [])
+    params = {}
+    for override in overrides:
+        key = override_key(override)
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        params[key] = value if isinstance(value, int | float | str | bool) else override.split("=", 1)[-1]
+    result: dict[str, Any] = {"job": job[0] if job else None, "state": state, "overrides": overrides,
+                              "params": params, "metrics": metrics or {}}  # fmt: skip
+    if objects is not None:
+        trainer, callbacks = objects["trainer"], objects["callbacks"]
+        timer = next((cb for cb in callbacks if isinstance(cb, ConfigHParams)), None)
+        history = next((cb.history for cb in callbacks if isinstance(cb, ValidationLog)), [])
+        result.update(steps=trainer.global_step, train_seconds=timer.seconds() if timer else seconds,
+                      run_dir=str(objects["output_dir"]), history=[list(p) for p in history])  # fmt: skip
+    else:
+        result["train_seconds"] = seconds
+    if error is not None:
+        line = str(error) if isinstance(error, CharLSTMError) else f"{type(error).__name__}: {error}"
+        result["error"] = " ".join(line.split())
+        result["error_type"] = type(error.__cause__ or error).__name__
+    return result
+
+
+def record_failure(cfg: DictConfig, exc: BaseException, folder: Path, seconds: float) -> None:
+    """A failed sweep job: result.json with its one-line error, the line on the console and in train.log."""
+    from charlstm.summary import FAILED, INTERRUPTED, PRUNED, write_result
+
+    interrupted = isinstance(exc, TrainingInterrupted | KeyboardInterrupt)
+    pruned = "TrialPruned" in (type(exc).__name__, type(exc.__cause__).__name__)
+    state = INTERRUPTED if interrupted else PRUNED if pruned else FAILED
+    result = run_result(cfg, state, seconds, error=exc)
+    write_result(folder, result)
+    if not interrupted:
+        if not isinstance(exc, CharLSTMError):
+            log.error("sweep job failed", exc_info=exc, extra={"file_only": True})
+        job = f"job {result['job']} ({' '.join(result['overrides']) or 'no overrides'})"
+        if logging.getLogger().handlers:
+            logging.getLogger("charlstm").error("%s: %s", job, result["error"], extra={"file_only": True})
+        print(f"{'pruned' if pruned else 'error'}: {job}: {result['error']}", file=sys.stderr, flush=True)
+
+
 @exit_on_error
 def run(cfg: DictConfig) -> float | None:
-    """What ``python train.py`` does: train, report, return the optimized metric for sweepers."""
+    """What ``python train.py`` does: train, report, return the optimized metric for sweepers.
+
+    Each run leaves ``result.json`` in its folder. A job of a multirun that fails is recorded there and returns
+    None, so the sweep goes on to the next job (Ctrl-C or SIGTERM still stops the sweep, after a summary of the
+    jobs so far).
+    """
     route_library_logs()
     quiet_known_warnings()
+    started = time.monotonic()
+    folder, job = hydra_run_dir(), sweep_job()
     try:
         try:
             metrics, objects = train(cfg)
@@ -482,11 +564,35 @@ def run(cfg: DictConfig) -> float | None:
         except MisconfigurationException as err:
             # Lightning's own checks of trainer settings: a config mistake like any other.
             raise ConfigError(f"{' '.join(str(err).split())} (a trainer setting, see configs/trainer/)") from None
-    except BaseException:
-        folder = hydra_run_dir()
-        if folder is not None and process_rank() == 0:
+    except BaseException as exc:
+        if folder is None or process_rank() != 0:
+            raise
+        if job is None:
             remove_if_empty(folder, Path(cfg.paths.outputs_root))
+            if folder.is_dir():
+                from charlstm.summary import FAILED, INTERRUPTED, write_result
+
+                state = INTERRUPTED if isinstance(exc, TrainingInterrupted) else FAILED
+                write_result(folder, run_result(cfg, state, time.monotonic() - started, error=exc))
+            raise
+        record_failure(cfg, exc, folder, time.monotonic() - started)
+        if isinstance(exc, Exception) and not isinstance(exc, TrainingInterrupted):
+            return None  # on to the next job
+        from charlstm.summary import summarize
+
+        if OmegaConf.select(cfg, "optuna.trial") is None:  # an Optuna search's sweeper writes its own
+            summarize(job[2], cfg.get("optimized_metric") or "val/bpc_best")  # the jobs so far
         raise
     if objects["trainer"].is_global_zero:
         report(cfg, metrics, objects)
+        if folder is not None:
+            from charlstm.search import pruned_at
+            from charlstm.summary import COMPLETE, PRUNED, write_result
+
+            # a trial the Optuna pruner stopped ends like any run, recorded as pruned
+            step = pruned_at(objects["callbacks"])
+            result = run_result(cfg, COMPLETE if step is None else PRUNED, time.monotonic() - started, objects, metrics)
+            # a resumed run's result goes beside its checkpoints; a sweep job's stays in the job folder
+            where = folder if job is not None else objects["output_dir"]
+            write_result(where, result if step is None else {**result, "pruned_at_step": step})
     return metrics.get(cfg.get("optimized_metric") or "")

@@ -1,0 +1,191 @@
+"""Run and sweep-job folders: claimed atomically (a ``-N`` suffix when the name is taken), job folders named by
+their overrides in safe characters, and the one folder every DDP rank of a run agrees on.
+
+Hydra resolves ``hydra.run.dir`` and ``hydra.sweep.dir`` through the ``charlstm.unique_dir`` resolver and
+``hydra.sweep.subdir`` through ``charlstm.job_dir`` (configs/hydra/default.yaml). The folder a process claims is
+kept in ``os.environ``: resolving the same setting again in that process (Lightning reads ``hydra.run.dir`` to
+start the DDP ranks, Hydra re-reads the sweep folder for every job) gives the same folder, and processes started
+from it inherit the choice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+# {key: {"base": the name asked for, "dir": the folder claimed, "pid": the process that claimed it}}
+DIRS_ENV = "CHARLSTM_RUN_DIRS"
+# JSON list of the keys a multirun's command line fixes (not swept): left out of job folder names
+FIXED_ENV = "CHARLSTM_SWEEP_FIXED"
+# Longest override part of a job folder name; longer ones are cut and end in a short hash of the whole
+NAME_LIMIT = 100
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@-]+")
+
+
+def claim_dir(base: str | os.PathLike[str]) -> Path:
+    """Create ``base``, or ``base-1``, ``base-2``, ... when it exists, and return the folder created.
+
+    ``os.mkdir`` either creates the folder or fails, so two processes claiming the same name at the same moment
+    never share it.
+    """
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:
+        folder = base if n == 0 else base.with_name(f"{base.name}-{n}")
+        try:
+            os.mkdir(folder)
+            return folder
+        except FileExistsError:
+            n += 1
+
+
+def safe_name(text: str, limit: int = NAME_LIMIT) -> str:
+    """``text`` as a file name: ASCII letters, digits and ``. _ = , + @ -``; accents dropped (é -> e), anything
+    else (slashes, spaces, quotes, other scripts) one ``_``; over ``limit`` chars, cut and ended with ``-`` and 8
+    hex digits of a hash of the whole text, so distinct long names stay distinct."""
+    # accents fall off their letter (é -> e); a char with no ASCII form becomes "_", never nothing
+    folded = "".join(
+        c if c.isascii() else "_" for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)
+    )
+    name = re.sub(r"_{2,}", "_", _UNSAFE.sub("_", folded)).strip("._-") or "_"
+    if len(name) > limit:
+        digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+        name = f"{name[: limit - 9].rstrip('._-')}-{digest}"
+    return name
+
+
+def override_key(override: str) -> str:
+    """``model.units`` of ``model.units=64`` (also of ``+model.units=64`` and ``~model.units``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def fixed_keys(command_overrides: Iterable[str]) -> list[str]:
+    """The keys a multirun command line sets to one value (every other key a job has is swept)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    swept: dict[str, bool] = {}
+    for text in command_overrides:
+        try:
+            override = parser.parse_override(text)
+        except Exception:  # Hydra reports it itself
+            continue
+        key = override_key(override.get_key_element())
+        swept.pop(key, None)  # the last override of a key is the one that counts
+        swept[key] = override.is_sweep_override()
+    return [key for key, is_swept in swept.items() if not is_swept]
+
+
+def swept_overrides(overrides: Sequence[str], fixed: Iterable[str] | None = None) -> list[str]:
+    """A sweep job's own overrides: those of the swept keys, sorted by key. ``fixed`` defaults to the keys the
+    running multirun's command line fixes; without one, every override but ``paths.*`` counts."""
+    if fixed is None:
+        fixed = json.loads(os.environ.get(FIXED_ENV, "null")) or ["paths"]
+    fixed = set(fixed)
+
+    def is_fixed(key: str) -> bool:
+        return key in fixed or any(key.startswith(f + ".") for f in fixed)
+
+    return sorted((o for o in overrides if not is_fixed(override_key(o))), key=override_key)
+
+
+def job_dirname(num: int | str, overrides: Sequence[str]) -> str:
+    """``0_data.seq_len=50,model.units=64``: the job number, then its swept overrides made safe; ``0`` alone when
+    nothing is swept."""
+    return f"{num}_{safe_name(','.join(overrides))}" if overrides else str(num)
+
+
+# -- the claims of this command ---------------------------------------------------------------------------------
+def _rank() -> int:
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def _claims() -> dict[str, dict[str, Any]]:
+    try:
+        claims = json.loads(os.environ.get(DIRS_ENV, ""))
+    except ValueError:
+        return {}
+    return {k: v for k, v in claims.items() if isinstance(v, dict)} if isinstance(claims, dict) else {}
+
+
+def claimed(key: str, base: str) -> str:
+    """The folder this command uses for ``key`` (``run``, ``sweep``, ``job:<sweep>:<num>``), created on first use.
+
+    Rank 0 (or a process alone) claims it; asking again gets the same folder. A process started from it (a DDP
+    rank, a launcher's worker) inherits the claims: it takes the same folder for the same ``base``, and a rank > 0
+    takes rank 0's whatever its own ``base`` (its clock may have passed the second), else ``base`` as it is, never
+    a suffixed folder of its own.
+    """
+    claims = _claims()
+    entry = claims.get(key)
+    if entry is not None and (entry.get("pid") == os.getpid() or entry.get("base") == base or _rank() > 0):
+        return str(entry["dir"])
+    if _rank() > 0:
+        Path(base).mkdir(parents=True, exist_ok=True)
+        return base
+    folder = str(claim_dir(base))
+    claims[key] = {"base": base, "dir": folder, "pid": os.getpid()}
+    os.environ[DIRS_ENV] = json.dumps(claims)
+    return folder
+
+
+def release(*keys: str) -> None:
+    """Forget this process's claims (all, or ``keys``), so a next run in the same process claims afresh."""
+    claims = _claims()
+    for key in keys or list(claims):
+        if key in claims and claims[key].get("pid") == os.getpid():
+            del claims[key]
+    os.environ[DIRS_ENV] = json.dumps(claims)
+
+
+def _unique_dir(base: str, kind: str = "run") -> str:
+    return claimed(kind, str(base))
+
+
+def _job_dir(sweep_dir: str, num: Any, *, _root_: DictConfig) -> str:
+    overrides = list(OmegaConf.select(_root_, "hydra.overrides.task", default=[]) or [])
+    name = job_dirname(num, swept_overrides(overrides))
+    return Path(claimed(f"job:{sweep_dir}:{num}", str(Path(sweep_dir) / name))).name
+
+
+def register_resolvers() -> None:
+    """``${charlstm.unique_dir:BASE[,sweep]}`` and ``${charlstm.job_dir:SWEEP_DIR,NUM}`` for configs/hydra."""
+    if not OmegaConf.has_resolver("charlstm.unique_dir"):
+        OmegaConf.register_new_resolver("charlstm.unique_dir", _unique_dir)
+    if not OmegaConf.has_resolver("charlstm.job_dir"):
+        OmegaConf.register_new_resolver("charlstm.job_dir", _job_dir)
+
+
+class RunDirs(Callback):
+    """Hydra callback: notes which keys a multirun fixes (job folders name only the swept ones) and forgets the
+    folders claimed once a run or multirun ends."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+        os.environ[FIXED_ENV] = json.dumps(fixed_keys([str(o) for o in task or []]))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ.pop(FIXED_ENV, None)
+        release()
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        release()
+
+
+# Registered on import: Hydra imports this module to build the callback above, also in a launcher's worker process
+# (submitit), before any folder is resolved there.
+register_resolvers()

@@ -1,0 +1,1 @@
+"""Hydra sweeper plugin running charlstm's Optuna search (hydra/sweeper=charlstm_optuna)."""
