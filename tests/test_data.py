@@ -245,3 +245,19 @@ def test_validation_text_never_reaches_training(data, experiment, data_dir, tmp_
     assert val[:60] not in train  # not even the first 60 chars of it
     if data == "file":  # the recipe's extra plays belong to the play corpus: the file's own chars only
         assert set(dm.vocab.chars) == set(path.read_text(encoding="utf-8")[:4000])
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 4099])
+def test_a_big_corpus_is_shuffled_in_constant_memory_every_window_once(n):
+    from charlstm.data import ShuffledBatches
+
+    torch.manual_seed(3)
+    batches = list(ShuffledBatches(n, 32, exact_limit=0))  # the path a corpus of millions of windows takes
+    assert len(batches) == len(ShuffledBatches(n, 32, exact_limit=0)) == -(-n // 32)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(n))  # a permutation: every window once per epoch
+    if n >= 1000:
+        assert flat[:50] != list(range(50))  # and shuffled: not in order
+        torch.manual_seed(3)
+        assert [i for b in ShuffledBatches(n, 32, exact_limit=0) for i in b] == flat  # seeded by torch's RNG
+        assert [i for b in ShuffledBatches(n, 32, exact_limit=0) for i in b] != flat  # a new order each epoch

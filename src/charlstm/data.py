@@ -89,23 +89,71 @@ class StreamDataset(IterableDataset):
 
 
 class ShuffledBatches(Sampler[list[int]]):
-    """Batches of shuffled window indices, cut from one int64 permutation tensor.
+    """Batches of shuffled window indices: every window once per epoch, without a Python list of every index.
 
-    The same order as ``DataLoader(shuffle=True)`` (one seed drawn from torch's RNG per epoch, one randperm),
-    without its Python list of every index: 90 M windows of a 100 MB corpus would be ~3 GB as a list.
+    Up to ``exact_limit`` windows: the same order as ``DataLoader(shuffle=True)`` (one seed drawn from torch's
+    RNG per epoch, one int64 randperm). Beyond it (a big corpus: 400 M windows would be a 3.2 GB permutation)
+    the order is a keyed pseudo-random permutation computed batch by batch in constant memory.
     """
 
-    def __init__(self, n: int, batch_size: int) -> None:
-        self.n, self.batch_size = n, batch_size
+    def __init__(self, n: int, batch_size: int, exact_limit: int = 1 << 24) -> None:
+        self.n, self.batch_size, self.exact_limit = n, batch_size, exact_limit
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)
 
     def __iter__(self):
         seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
-        for i in range(0, self.n, self.batch_size):
-            yield perm[i : i + self.batch_size].tolist()
+        if self.n <= self.exact_limit:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
+            for i in range(0, self.n, self.batch_size):
+                yield perm[i : i + self.batch_size].tolist()
+            return
+        permute = FeistelPermutation(self.n, seed)
+        block = self.batch_size * max(1, 8192 // self.batch_size)  # a few thousand indices per computation
+        for start in range(0, self.n, block):
+            part = permute(torch.arange(start, min(start + block, self.n)))
+            for i in range(0, len(part), self.batch_size):
+                yield part[i : i + self.batch_size].tolist()
+
+
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)  # splitmix64's, as signed int64
+_LOW = {k: (1 << k) - 1 for k in (33, 34, 37)}
+
+
+class FeistelPermutation:
+    """A keyed bijection of ``range(n)`` in O(1) memory: a 4-round Feistel network on the smallest even number of
+    bits covering ``n``, cycle-walking back into range (at most 4x the domain, so few extra rounds on average)."""
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.half = max(1, (max(1, (n - 1).bit_length()) + 1) // 2)
+        self.mask = (1 << self.half) - 1
+        gen = torch.Generator().manual_seed(seed)
+        self.keys = torch.randint(1, 1 << 62, (self.ROUNDS,), generator=gen).tolist()
+
+    def _round(self, x: torch.Tensor, key: int) -> torch.Tensor:
+        """splitmix64 of ``x + key`` (int64 products wrap; shifts masked to act unsigned), cut to the half's bits."""
+        z = x + key
+        z = (z ^ ((z >> 30) & _LOW[34])) * _MIX1
+        z = (z ^ ((z >> 27) & _LOW[37])) * _MIX2
+        return (z ^ ((z >> 31) & _LOW[33])) & self.mask
+
+    def _once(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = x >> self.half, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ self._round(right, key)
+        return (left << self.half) | right
+
+    def __call__(self, index: torch.Tensor) -> torch.Tensor:
+        y = self._once(index.long())
+        out_of_range = y >= self.n
+        while out_of_range.any():
+            y[out_of_range] = self._once(y[out_of_range])
+            out_of_range = y >= self.n
+        return y
 
 
 def split_ids(ids: torch.Tensor, val_fraction: float, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
