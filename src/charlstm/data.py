@@ -238,6 +238,20 @@ def fixed_vocab(chars: list[str] | None) -> CharVocab | None:
     return CharVocab(out)
 
 
+def split_test(train: torch.Tensor, total: int, test_fraction: float, seq_len: int) -> tuple[torch.Tensor, ...]:
+    """The held-out test text: the last ``test_fraction`` of the whole corpus before its validation tail, so the
+    validation text stays what it is without a test split; returns (training text, test text)."""
+    n_test = round(total * test_fraction)
+    rest, test = train[: len(train) - n_test], train[len(train) - n_test :]
+    if len(test) < seq_len + 1 or len(rest) < seq_len + 1:
+        raise CorpusError(
+            f"the corpus has {total} chars, too short for a test window of data.seq_len+1={seq_len + 1} chars with "
+            f"data.test_fraction={test_fraction} (train {len(rest)}, test {len(test)}); use a longer text or a "
+            "larger data.test_fraction"
+        )
+    return rest, test
+
+
 class CharDataModule(pl.LightningDataModule):
     """Reads the corpus, builds the vocabulary and serves training and validation batches."""
 
@@ -257,6 +271,7 @@ class CharDataModule(pl.LightningDataModule):
         targets: str = "last",
         encoding: str = "normalized",
         val_fraction: float = 0.1,
+        test_fraction: float = 0.0,
         val_max_windows: int | None = None,
         val_context: int | None = None,
         batch_size: int = 30,
@@ -276,6 +291,7 @@ class CharDataModule(pl.LightningDataModule):
         self.lowercase, self.max_chars = lowercase, max_chars
         self.seq_len, self.stride, self.layout, self.targets = seq_len, stride, layout, targets
         self.encoding, self.val_fraction, self.val_max_windows = encoding, val_fraction, val_max_windows
+        self.test_fraction = test_fraction
         self.val_context = val_context or seq_len
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self._fixed_vocab = vocab
@@ -283,6 +299,7 @@ class CharDataModule(pl.LightningDataModule):
         self.vocab: CharVocab | None = None
         self.train_ids: torch.Tensor | None = None
         self.val_ids: torch.Tensor | None = None
+        self.test_ids: torch.Tensor | None = None  # only with data.test_fraction > 0
 
     def load(self) -> CharVocab:
         """Read the corpus once, build the vocabulary and the two id tensors; returns the vocabulary."""
@@ -304,7 +321,10 @@ class CharDataModule(pl.LightningDataModule):
             target = CharVocab(sorted(set(vocab.chars) | set(CharVocab.from_text(extra).chars)))
         target = target or vocab
         ids = recode(ids, vocab, target)  # a copy only where the numbering differs (a fixed or a wider vocabulary)
-        train, self.val_ids = split_ids(ids, self.val_fraction, max(self.seq_len, self.val_context))
+        context = max(self.seq_len, self.val_context)
+        train, self.val_ids = split_ids(ids, self.val_fraction, context)
+        if self.test_fraction:
+            train, self.test_ids = split_test(train, len(ids), self.test_fraction, context)
         if extra:
             # More training text only: the validation split stays the main corpus's own tail. The main
             # training text comes last, `main_repeat` times, so some streams read in-domain text every step.
@@ -357,6 +377,16 @@ class CharDataModule(pl.LightningDataModule):
             # Lightning swaps in a DistributedSampler here, which needs the standard sampler to replace.
             return DataLoader(ds, batch_size=self.batch_size, shuffle=True, **workers)
         return DataLoader(ds, batch_sampler=ShuffledBatches(len(ds), self.batch_size), **workers)
+
+    def test_dataset(self) -> WindowDataset:
+        """Every test char predicted from the ``val_context`` chars before it (no subsample: scored once)."""
+        self.load()
+        if self.test_ids is None:
+            raise ConfigError("there is no test text: set data.test_fraction (e.g. 0.1) to hold one out")
+        return WindowDataset(self.test_ids, self.val_context, 1, "last")
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_dataset(), batch_size=self.val_batch_size, shuffle=False, collate_fn=_as_batch)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_dataset(), batch_size=self.val_batch_size, shuffle=False, collate_fn=_as_batch)
