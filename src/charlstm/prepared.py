@@ -126,7 +126,8 @@ def source_fingerprint(path: Path, key: str = "") -> str:
 
 
 def cache_names(path: Path, data_dir: str | os.PathLike[str], lowercase: bool, errors: str) -> tuple[Path, str]:
-    """The cache group of one source file under given settings: its folder prefix and the lock's path."""
+    """Where caches go, and the group name of one source file under given settings (its cache folders are
+    ``<group>-<fingerprint>``, its lock ``.<group>.lock``)."""
     settings = json.dumps({"version": PREPARE_VERSION, "source": str(path.resolve()), "lowercase": bool(lowercase),
                            "errors": errors}, sort_keys=True)  # fmt: skip
     group = f"{_stem(path)}-{_sha(settings)[:12]}"
@@ -175,8 +176,9 @@ def _locked(lock_path: Path, what: str) -> Iterator[None]:
 def _remove_stale(root: Path, group: str) -> None:
     """Under the group's lock, before building: temporaries of killed preparations, caches of older versions of
     the source and anything unusable (runs that mapped an older cache keep reading it: its files stay open)."""
-    for p in [*root.glob(f".{group}-*.tmp"), *root.glob(f"{group}-*")]:
-        if p.is_dir():
+    ours = re.compile(rf"\.{re.escape(group)}-[A-Za-z0-9_]+\.tmp|{re.escape(group)}-[0-9a-f]{{12}}")
+    for p in root.iterdir():
+        if ours.fullmatch(p.name) and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
 
 
