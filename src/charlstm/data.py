@@ -302,7 +302,8 @@ class CharDataModule(pl.LightningDataModule):
         self.test_ids: torch.Tensor | None = None  # only with data.test_fraction > 0
 
     def load(self) -> CharVocab:
-        """Read the corpus once, build the vocabulary and the two id tensors; returns the vocabulary."""
+        """Map the prepared corpus, fix the vocabulary and cut the id tensors (training, validation, test when
+        asked); returns the vocabulary."""
         if self.vocab is not None:
             return self.vocab
         args = self.corpus_args
@@ -316,10 +317,10 @@ class CharDataModule(pl.LightningDataModule):
         if len(ids) == 0:
             raise CorpusError("the corpus is empty; choose a text with characters in it")
         extra = self._extra_text()
+        extra_chars = CharVocab.from_text(extra).chars if extra else []
         target = fixed_vocab(self._fixed_vocab)
-        if target is None and extra:
-            target = CharVocab(sorted(set(vocab.chars) | set(CharVocab.from_text(extra).chars)))
-        target = target or vocab
+        if target is None:
+            target = CharVocab(sorted(set(vocab.chars) | set(extra_chars))) if extra else vocab
         ids = recode(ids, vocab, target)  # a copy only where the numbering differs (a fixed or a wider vocabulary)
         context = max(self.seq_len, self.val_context)
         train, self.val_ids = split_ids(ids, self.val_fraction, context)
@@ -330,7 +331,7 @@ class CharDataModule(pl.LightningDataModule):
             # training text comes last, `main_repeat` times, so some streams read in-domain text every step.
             # (A play corpus is small: the joined copy costs little; a user's big file is only copied so when
             # data.extra_plays asks for plays on top of it.)
-            check_covers(target, CharVocab.from_text(extra).chars)
+            check_covers(target, extra_chars)
             train = torch.cat([target.encode(extra, dtype=target.id_dtype), *[train] * self.main_repeat])
         self.train_ids = train
         self.vocab = target
