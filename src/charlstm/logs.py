@@ -12,8 +12,16 @@ _CHATTER = (
     ("pytorch_lightning", "💡 Tip: For seamless cloud logging"),
     ("lightning_fabric", "💡 Tip: For seamless cloud logging"),
 )
-# Lightning's device inventory: kept in train.log, off the console (the run's accelerator is in the config)
-_FILE_ONLY_PREFIXES = ("GPU available:", "TPU available:", "HPU available:", "IPU available:")
+# Lightning's device inventory (the run's accelerator is in the config) and its notes on loading a checkpoint (the
+# run says what it resumed or scored): kept in train.log, off the console
+_FILE_ONLY_PREFIXES = (
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
+    "IPU available:",
+    "Restoring states from the checkpoint path at",
+    "Loaded model weights from the checkpoint at",
+)
 
 
 class Chatter(logging.Filter):

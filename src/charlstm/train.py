@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -426,9 +427,23 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             # no validation fell inside the run (e.g. check_val_every_n_epoch beyond max_epochs): score it once now
             trainer.validate(model, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    if getattr(datamodule, "test_ids", None) is not None and trainer.global_step > 0:
+        metrics.update(score_test(trainer, model, datamodule))
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer,
                "callbacks": callbacks, "loggers": loggers, "output_dir": out}  # fmt: skip
     return metrics, objects
+
+
+def score_test(trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any) -> dict[str, float]:
+    """test/* on the held-out text (data.test_fraction), scored once on the best checkpoint (the last weights when
+    the run kept none); the model keeps its last weights for the sample."""
+    best = next((cb.best_model_path for cb in trainer.checkpoint_callbacks
+                 if isinstance(cb, ModelCheckpoint) and cb.best_model_path), "")  # fmt: skip
+    last_weights = copy.deepcopy(model.state_dict())
+    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
+    model.load_state_dict(last_weights)
+    log.info("test text (%d chars) scored on %s", len(datamodule.test_ids), best or "the last weights")
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 
 
 def say(line: str) -> None:
@@ -461,6 +476,9 @@ def report(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]) 
             f"val/bpc:      {metrics['val/bpc']:.4f} (final)   {metrics.get('val/bpc_best', float('nan')):.4f} (best)"
             f"   val/loss {metrics.get('val/loss', float('nan')):.4f} nats/char   step {trainer.global_step}"
         )
+    if "test/bpc" in metrics:
+        lines.append(f"test/bpc:     {metrics['test/bpc']:.4f} (held-out text, best checkpoint)   "
+                     f"test/loss {metrics['test/loss']:.4f} nats/char")  # fmt: skip
     say("\n".join(lines))
     if cfg.sample.length > 0:
         gen = Generator.from_module(objects["model"])
