@@ -1,5 +1,6 @@
 """The command-line face shared by train.py, generate.py and eval.py: prompts taken literally, Hydra's own
-errors as one line, and the heavy imports made only once the config is composed (so --help is instant)."""
+errors as one line, and the heavy imports made only once the config is composed (so --help is instant).
+A command line of plain ``key=value`` settings of a flat config (generate.py's) is read without Hydra at all."""
 
 from __future__ import annotations
 
@@ -21,10 +22,15 @@ _LITERAL = re.compile(r"^(\+{0,2})(" + "|".join(re.escape(k) for k in LITERAL_KE
 QUOTED_ENV = "CHARLSTM_ARGS_QUOTED"
 
 
+def omegaconf_literal(value: str) -> str:
+    """``value`` as an OmegaConf string that reads back unchanged (no interpolation)."""
+    # a literal "${" is written "\${", with the backslashes right before it doubled
+    return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+
+
 def quote_value(value: str) -> str:
     """``value`` as a Hydra quoted string that OmegaConf reads back unchanged (no interpolation)."""
-    # OmegaConf: a literal "${" is written "\${", with the backslashes right before it doubled.
-    value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    value = omegaconf_literal(value)
     # Hydra: backslashes before a quote or at the very end are doubled, then the quote is escaped.
     value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
     return "'" + value.replace("'", "\\'") + "'"
@@ -167,14 +173,78 @@ def mode_error_line(err: ValueError, args: Sequence[str]) -> str | None:
            "--info and --shell-completion per command"  # fmt: skip
 
 
-def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
+# What Hydra's override grammar reads as one plain scalar; any other value (quotes, lists, sweeps, interpolations,
+# escapes, spaces, `1_000`, `inf`, `~`, a leading digit or sign that is not a number ...) goes through Hydra.
+_INT = re.compile(r"[+-]?(?:0|[1-9][0-9]*)")
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.[0-9]*|\.[0-9]+|(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][+-]?[0-9]+)")
+_WORD = re.compile(r"[A-Za-z/][A-Za-z0-9_./@-]*")
+_KEY = re.compile(r"[a-z][a-z0-9_]*")
+_NOT_PLAIN = object()
+
+
+def plain_value(text: str) -> Any:
+    """The value Hydra gives ``key=TEXT`` when TEXT is a plain int, float, bool, null or word; else ``_NOT_PLAIN``."""
+    low = text.lower()
+    if _INT.fullmatch(text):
+        return int(text)
+    if _FLOAT.fullmatch(text):
+        return float(text)
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "null":
+        return None
+    if low in ("inf", "nan") or not _WORD.fullmatch(text):
+        return _NOT_PLAIN
+    return text
+
+
+def plain_config(config_dir: Path, config_name: str, args: Sequence[str]) -> Any:
+    """The config Hydra would compose for ``args``, read without Hydra, when that is certain to be the same: the
+    config file composes nothing but itself (its defaults only ``_self_`` and Hydra's own settings, no
+    interpolation), and every argument is ``key=value`` for one of its top-level keys, once, with a plain value
+    (free-text keys such as ``prompt`` take any text, as Hydra is given it quoted). Otherwise None: Hydra reads it."""
+    from omegaconf import DictConfig, OmegaConf
+
+    cfg = OmegaConf.load(Path(config_dir) / f"{config_name}.yaml")
+    defaults = cfg.pop("defaults", [])
+    cfg.pop("hydra", None)
+    own = all(d == "_self_" or (isinstance(d, DictConfig) and all(str(k).startswith("override hydra/") for k in d))
+              for d in defaults)  # fmt: skip
+    if not own or "${" in str(OmegaConf.to_container(cfg, resolve=False)):
+        return None
+    seen = set()
+    for arg in args:
+        key, eq, text = arg.partition("=")
+        if not eq or not _KEY.fullmatch(key) or key not in cfg or key in seen:
+            return None
+        seen.add(key)
+        value = omegaconf_literal(text) if key in LITERAL_KEYS else plain_value(text)
+        if value is _NOT_PLAIN:
+            return None
+        cfg[key] = value
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def _task(task: str) -> Any:
+    module_name, _, function = task.partition(":")
+    return getattr(importlib.import_module(module_name), function or "run")
+
+
+def hydra_entry(config_dir: Path, config_name: str, task: str, plain: bool = False) -> Any:
     """Run ``task`` (``module:function`` taking the composed config) under ``@hydra.main``.
 
     Hydra's own errors (unknown choice, mistyped key, unreadable override) become one ``error:`` line and
     exit status 1; ``HYDRA_FULL_ERROR=1`` set by the user still shows Hydra's full traceback. A launcher's
     error (a cluster job that failed) is its one line too. A command that fails takes away the run and sweep
-    folders it claimed and left unused (e.g. a launcher refused before the first job).
+    folders it claimed and left unused (e.g. a launcher refused before the first job). With ``plain``, a command
+    line :func:`plain_config` can read runs ``task`` without Hydra (generate.py: its start-up is then little more
+    than importing torch).
     """
+    if plain:
+        cfg = plain_config(config_dir, config_name, sys.argv[1:])
+        if cfg is not None:
+            return _task(task)(cfg)
     import hydra
 
     from charlstm.cluster import quiet_schema_note
@@ -196,10 +266,9 @@ def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
         print(f"error: {launcher} applies to -m runs only (Hydra launches multiruns; one job is fine): "
               f"python {Path(sys.argv[0]).name} -m {' '.join(args)}", file=sys.stderr, flush=True)  # fmt: skip
         sys.exit(1)
-    module_name, _, function = task.partition(":")
 
     def main(cfg: Any) -> Any:
-        return getattr(importlib.import_module(module_name), function or "run")(cfg)
+        return _task(task)(cfg)
 
     # Hydra names the job (and so the log file: train.log) after the module of the task function.
     main.__module__ = Path(sys.argv[0]).stem or config_name
