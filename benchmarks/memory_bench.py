@@ -132,16 +132,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--repeat", type=int, default=3, help="first and later runs of the first recipe")
     parser.add_argument("--name", default="memory_bench", help="file name of the results")
+    parser.add_argument("--threads", default="1", help="OMP_NUM_THREADS of the runs ('' leaves torch's default)")
     args = parser.parse_args()
     sizes = [s.strip() for s in args.sizes.split(",")]
     recipes = [r.strip() for r in args.recipes.split(",")]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="charlstm-membench-"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(args.src / "src"), "PYTHONUNBUFFERED": "1"}
+    if args.threads:
+        # one thread per run by default: on a machine shared with other jobs, torch's thread pool waiting for a
+        # busy core makes step times erratic; memory is the same either way
+        env["OMP_NUM_THREADS"] = args.threads
     header = [
         cpu_capability().line(),
         f"load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())} (a shared machine: wall times vary)",
-        f"source tree: {args.src}; work dir: {work}",
+        f"source tree: {args.src}; work dir: {work}; OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')}",
     ]
     print("\n".join(header), flush=True)
     results = []
