@@ -21,6 +21,9 @@ _FILE_ONLY_PREFIXES = (
     "IPU available:",
     "Restoring states from the checkpoint path at",
     "Loaded model weights from the checkpoint at",
+    # the precision plugin's announcement: the run's own start lines already say which precision and why
+    "Using bfloat16 Automatic Mixed Precision",
+    "Using 16bit Automatic Mixed Precision",
 )
 
 

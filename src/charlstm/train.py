@@ -337,9 +337,15 @@ def describe(cfg: DictConfig, out: Path) -> str:
     )
 
 
-def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
+def progress_bar_shown(cfg: DictConfig) -> bool:
+    """The live bar only where someone watches it: ``trainer.enable_progress_bar`` and a terminal on stdout. Piped
+    into a file or a scheduler's log, a run prints one line per validation instead of the bar's redraws."""
+    return bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stdout.isatty()
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any], **overrides: Any) -> pl.Trainer:
     plugins = [AtomicCheckpointIO(), *cluster.lightning_plugins(cfg.trainer)]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **overrides)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -385,7 +391,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     fit_log_interval(cfg, datamodule)
     out = Path(cfg.paths.output_dir)
     callbacks = instantiate_named(cfg.get("callbacks"))
-    if not cfg.trainer.get("enable_progress_bar", True):
+    show_bar = progress_bar_shown(cfg)
+    if not show_bar:
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     callbacks += [FinalValidation(), ValidationLog()]
     for cb in callbacks:
@@ -402,7 +409,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     with open_dict(cfg):  # `auto`: bf16-mixed where the CPU has native bf16, else 32-true (one log line)
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
-    trainer = build_trainer(cfg, callbacks, loggers)
+    trainer = build_trainer(cfg, callbacks, loggers, enable_progress_bar=show_bar)
 
     if trainer.is_global_zero:
         log.info(describe(cfg, out))
