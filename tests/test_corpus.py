@@ -98,7 +98,7 @@ def test_train_on_text_too_short_for_a_training_and_a_validation_window(make_cfg
 
 
 def test_a_large_vocabulary_trains(make_cfg, text_file):
-    """CJK text: thousands of distinct chars, ids stored as int32, the vocabulary travels in the checkpoint."""
+    """CJK text: thousands of distinct chars, ids stored as int16, the vocabulary travels in the checkpoint."""
     gen = torch.Generator().manual_seed(0)
     chars = [chr(0x4E00 + i) for i in range(3000)] + list("。，、\n")
     text = "".join(chars[i] for i in torch.randint(len(chars), (30_000,), generator=gen).tolist())
@@ -108,7 +108,7 @@ def test_a_large_vocabulary_trains(make_cfg, text_file):
                  "model.embed_dim=8", "data.max_chars=null", "trainer.limit_train_batches=20", "sample.length=10")
     )  # fmt: skip
     dm = objects["datamodule"]
-    assert len(dm.vocab) > 2900 and dm.train_ids.dtype == torch.int32
+    assert len(dm.vocab) > 2900 and dm.train_ids.dtype == torch.int16
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
     saved = torch.load(objects["output_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["hyper_parameters"]["vocab"] == dm.vocab.chars

@@ -114,6 +114,20 @@ def test_datamodule_lowercases_and_counts_validation(tmp_path, text_file):
     assert len(dm2.val_dataset()) == 4
 
 
+def test_under_ddp_each_rank_validates_its_own_share_and_every_window_once(tmp_path, text_file):
+    from types import SimpleNamespace
+
+    dm = CharDataModule(source="file", path=str(text_file("abcdefg" * 40)), data_dir=str(tmp_path), seq_len=5,
+                        val_fraction=0.2, val_batch_size=4)  # fmt: skip
+    n = len(dm.val_dataset())
+    assert n % 2 == 1  # shares of unequal size: a padding sampler would repeat a window
+    shares = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        shares.append(list(dm.val_dataloader().sampler))
+    assert sorted(shares[0] + shares[1]) == list(range(n))
+
+
 def test_extra_plays_add_training_text_only(tmp_path):
     base = CharDataModule(data_dir=str(tmp_path), seq_len=50)
     base.setup("fit")
@@ -245,3 +259,34 @@ def test_validation_text_never_reaches_training(data, experiment, data_dir, tmp_
     assert val[:60] not in train  # not even the first 60 chars of it
     if data == "file":  # the recipe's extra plays belong to the play corpus: the file's own chars only
         assert set(dm.vocab.chars) == set(path.read_text(encoding="utf-8")[:4000])
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 4099])
+def test_a_big_corpus_is_shuffled_in_constant_memory_every_window_once(n):
+    from charlstm.data import ShuffledBatches
+
+    torch.manual_seed(3)
+    batches = list(ShuffledBatches(n, 32, exact_limit=0))  # the path a corpus of millions of windows takes
+    assert len(batches) == len(ShuffledBatches(n, 32, exact_limit=0)) == -(-n // 32)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(n))  # a permutation: every window once per epoch
+    if n >= 1000:
+        assert flat[:50] != list(range(50))  # and shuffled: not in order
+        torch.manual_seed(3)
+        assert [i for b in ShuffledBatches(n, 32, exact_limit=0) for i in b] == flat  # seeded by torch's RNG
+        assert [i for b in ShuffledBatches(n, 32, exact_limit=0) for i in b] != flat  # a new order each epoch
+
+
+def test_a_test_split_is_held_out_before_the_validation_tail(tmp_path, text_file):
+    path = text_file("".join(chr(97 + (i * 7) % 26) for i in range(1000)))
+    plain = CharDataModule(source="file", path=str(path), data_dir=str(tmp_path), seq_len=5, val_fraction=0.1)
+    plain.load()
+    held = CharDataModule(source="file", path=str(path), data_dir=str(tmp_path), seq_len=5, val_fraction=0.1,
+                          test_fraction=0.2)  # fmt: skip
+    held.load()
+    assert plain.test_ids is None and len(held.test_ids) == 200
+    assert torch.equal(held.val_ids, plain.val_ids)  # the validation text is the same with or without a test text
+    assert torch.equal(torch.cat([held.train_ids, held.test_ids]), plain.train_ids)  # taken from training's tail
+    assert len(held.test_dataset()) == 200 - 5  # every test char after the first val_context
+    with pytest.raises(CorpusError, match=r"too short for a test window .* data.test_fraction=0.001"):
+        CharDataModule(source="file", path=str(path), data_dir=str(tmp_path), seq_len=5, test_fraction=0.001).load()

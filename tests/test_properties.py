@@ -38,7 +38,7 @@ def test_vocab_round_trips_in_its_compact_id_type(chars, rnd):
     text = "".join(rnd.choice(chars) for _ in range(3 * len(chars))) + "".join(chars)
     vocab = CharVocab.from_text(text)
     ids = vocab.encode(text, dtype=vocab.id_dtype)
-    assert ids.dtype == (torch.uint8 if len(chars) <= 256 else torch.int32)
+    assert ids.dtype == (torch.uint8 if len(chars) <= 256 else torch.int16)
     assert int(ids.max()) == len(vocab) - 1 and int(ids.min()) == 0
     assert vocab.decode(ids.long()) == text
 

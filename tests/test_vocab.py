@@ -39,10 +39,11 @@ def test_unknown_chars_error_lists_them_and_skip_drops_them():
 def test_large_vocabulary_uses_wide_ids():
     text = "".join(chr(0x4E00 + i) for i in range(600))
     v = CharVocab.from_text(text)
-    assert len(v) == 600 and v.id_dtype == torch.int32
+    assert len(v) == 600 and v.id_dtype == torch.int16
     ids = v.encode(text, dtype=v.id_dtype)
     assert ids.max().item() == 599 and v.decode(ids) == text
     assert CharVocab.from_text("abc").id_dtype == torch.uint8
+    assert CharVocab([chr(0x4E00 + i) for i in range(40_000)]).id_dtype == torch.int32
 
 
 def test_bad_vocab_lists_are_refused():

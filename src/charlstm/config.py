@@ -68,6 +68,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.layout": ("choice", ("windows", "streams"), "windows or streams"),
     "data.targets": ("choice", ("last", "all"), "last or all"),
     "data.val_fraction": FRACTION_OPEN,
+    "data.test_fraction": ("float", lambda v: 0 <= v < 1, "a number with 0 <= value < 1 (0: no test text)"),
     "data.val_max_windows": ("int?", lambda v: v >= 1, "null or an integer >= 1"),
     "data.val_context": ("int?", lambda v: v >= 1, "null or an integer >= 1"),
     "data.batch_size": INT_GE1,
@@ -256,6 +257,12 @@ def check_consistent(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.encoding={data_enc!r} differs from model.encoding={model_enc!r}; set model.encoding only "
             "(data.encoding follows it)"
+        )
+    _, val = _get(cfg, "data.val_fraction")
+    _, test = _get(cfg, "data.test_fraction")
+    if _number(val) and _number(test) and val + test >= 1:
+        raise ConfigError(
+            f"data.val_fraction={val} and data.test_fraction={test} leave no training text; keep their sum below 1"
         )
     _, lo = _get(cfg, "trainer.min_epochs")
     _, hi = _get(cfg, "trainer.max_epochs")

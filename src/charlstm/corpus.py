@@ -76,23 +76,35 @@ def decode_text(data: bytes, where: str, errors: str = "strict") -> str:
     return text.removeprefix("\ufeff").replace("\r\n", "\n")
 
 
-def read_text_file(path: str | os.PathLike[str], errors: str = "strict") -> str:
+def check_file(path: str | os.PathLike[str]) -> Path:
+    """The corpus file ``path``, which must exist, be a readable file and hold something."""
     p = Path(path).expanduser()
     if not p.exists():
         raise CorpusError(f"corpus file {p} does not exist; set data.path to an existing UTF-8 text file")
     if p.is_dir():
         raise CorpusError(f"corpus path {p} is a directory; set data.path to a text file inside it")
     try:
+        with open(p, "rb") as fh:
+            empty = not fh.read(1)
+    except OSError as err:
+        raise CorpusError(f"corpus file {p} cannot be read ({err.strerror}); check its permissions") from None
+    if empty:
+        raise CorpusError(f"corpus file {p} is empty; point data.path at a file with text in it")
+    return p
+
+
+def read_text_file(path: str | os.PathLike[str], errors: str = "strict") -> str:
+    p = check_file(path)
+    try:
         data = p.read_bytes()
     except OSError as err:
         raise CorpusError(f"corpus file {p} cannot be read ({err.strerror}); check its permissions") from None
-    if not data:
-        raise CorpusError(f"corpus file {p} is empty; point data.path at a file with text in it")
     return decode_text(data, f"corpus file {p}", errors)
 
 
-def play_text(name: str, data_dir: str | os.PathLike[str]) -> str:
-    """A play (or 'all' of them, joined) as plain text, converted once and cached as ``data_dir/<name>.txt``."""
+def play_file(name: str, data_dir: str | os.PathLike[str]) -> tuple[Path, str]:
+    """A play (or 'all' of them, joined) converted once to plain text in ``data_dir/<name>.txt``; returns the
+    file and the key of what it was converted from (the package's text and this conversion)."""
     cache = Path(data_dir) / f"{name}.txt"
     stamp = cache.with_name(f".{cache.name}.source")
     names = play_names() if name == "all" else [name]
@@ -100,11 +112,17 @@ def play_text(name: str, data_dir: str | os.PathLike[str]) -> str:
     # the cache is rebuilt when the package's text or this conversion changes
     key = sha256_hex(f"{CONVERSION_VERSION}\n".encode() + "\0".join(sources).encode("utf-8"))
     if cache.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
-        return cache.read_text(encoding="utf-8")
+        return cache, key
     text = "\n\n".join(markdown_to_text(md) for md in sources)
     atomic_write_bytes(cache, text.encode("utf-8"))
     atomic_write_bytes(stamp, key.encode())
-    return text
+    return cache, key
+
+
+def play_text(name: str, data_dir: str | os.PathLike[str]) -> str:
+    """A play (or 'all' of them, joined) as plain text (see :func:`play_file`)."""
+    path, _ = play_file(name, data_dir)
+    return path.read_bytes().decode("utf-8")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -144,6 +162,29 @@ def fetch_url(url: str, data_dir: str | os.PathLike[str], sha256: str | None = N
         )
     atomic_write_bytes(dest, data)
     return dest
+
+
+def corpus_file(
+    source: str = "play",
+    play: str = "macbeth",
+    path: str | None = None,
+    sha256: str | None = None,
+    data_dir: str | os.PathLike[str] = "data",
+) -> tuple[Path, str, str]:
+    """The file the configured corpus is read from, how to name it in messages, and a key that changes when its
+    text does (the package's text for a play; a file's size and modification time are added by the reader)."""
+    if source == "play":
+        file, key = play_file(play, data_dir)
+        return file, f"play {play}", key
+    if source == "file":
+        if not path:
+            raise CorpusError("data=file needs a path: add data.path=PATH/TO/TEXT.txt (or an http(s) URL)")
+        if re.match(r"^https?://", str(path)):
+            file = check_file(fetch_url(str(path), data_dir, sha256))
+            return file, f"corpus file {file}", str(path)
+        file = check_file(path)
+        return file, f"corpus file {file}", ""
+    raise CorpusError(f"data.source={source!r} is not allowed; use 'play' or 'file'")
 
 
 def load_text(

@@ -7,11 +7,13 @@ import math
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from charlstm.corpus import load_text, play_names, play_text
+from charlstm.corpus import corpus_file, play_names, play_text
 from charlstm.errors import ConfigError, CorpusError
 from charlstm.net import ENCODINGS, encode_inputs
+from charlstm.prepared import check_covers, keep_present, prepare, recode
 from charlstm.vocab import CharVocab
 
 LAYOUTS = ("windows", "streams")
@@ -88,23 +90,71 @@ class StreamDataset(IterableDataset):
 
 
 class ShuffledBatches(Sampler[list[int]]):
-    """Batches of shuffled window indices, cut from one int64 permutation tensor.
+    """Batches of shuffled window indices: every window once per epoch, without a Python list of every index.
 
-    The same order as ``DataLoader(shuffle=True)`` (one seed drawn from torch's RNG per epoch, one randperm),
-    without its Python list of every index: 90 M windows of a 100 MB corpus would be ~3 GB as a list.
+    Up to ``exact_limit`` windows: the same order as ``DataLoader(shuffle=True)`` (one seed drawn from torch's
+    RNG per epoch, one int64 randperm). Beyond it (a big corpus: 400 M windows would be a 3.2 GB permutation)
+    the order is a keyed pseudo-random permutation computed batch by batch in constant memory.
     """
 
-    def __init__(self, n: int, batch_size: int) -> None:
-        self.n, self.batch_size = n, batch_size
+    def __init__(self, n: int, batch_size: int, exact_limit: int = 1 << 24) -> None:
+        self.n, self.batch_size, self.exact_limit = n, batch_size, exact_limit
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)
 
     def __iter__(self):
         seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
-        for i in range(0, self.n, self.batch_size):
-            yield perm[i : i + self.batch_size].tolist()
+        if self.n <= self.exact_limit:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
+            for i in range(0, self.n, self.batch_size):
+                yield perm[i : i + self.batch_size].tolist()
+            return
+        permute = FeistelPermutation(self.n, seed)
+        block = self.batch_size * max(1, 8192 // self.batch_size)  # a few thousand indices per computation
+        for start in range(0, self.n, block):
+            part = permute(torch.arange(start, min(start + block, self.n)))
+            for i in range(0, len(part), self.batch_size):
+                yield part[i : i + self.batch_size].tolist()
+
+
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)  # splitmix64's, as signed int64
+_LOW = {k: (1 << k) - 1 for k in (33, 34, 37)}
+
+
+class FeistelPermutation:
+    """A keyed bijection of ``range(n)`` in O(1) memory: a 4-round Feistel network on the smallest even number of
+    bits covering ``n``, cycle-walking back into range (at most 4x the domain, so few extra rounds on average)."""
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.half = max(1, (max(1, (n - 1).bit_length()) + 1) // 2)
+        self.mask = (1 << self.half) - 1
+        gen = torch.Generator().manual_seed(seed)
+        self.keys = torch.randint(1, 1 << 62, (self.ROUNDS,), generator=gen).tolist()
+
+    def _round(self, x: torch.Tensor, key: int) -> torch.Tensor:
+        """splitmix64 of ``x + key`` (int64 products wrap; shifts masked to act unsigned), cut to the half's bits."""
+        z = x + key
+        z = (z ^ ((z >> 30) & _LOW[34])) * _MIX1
+        z = (z ^ ((z >> 27) & _LOW[37])) * _MIX2
+        return (z ^ ((z >> 31) & _LOW[33])) & self.mask
+
+    def _once(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = x >> self.half, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ self._round(right, key)
+        return (left << self.half) | right
+
+    def __call__(self, index: torch.Tensor) -> torch.Tensor:
+        y = self._once(index.long())
+        out_of_range = y >= self.n
+        while out_of_range.any():
+            y[out_of_range] = self._once(y[out_of_range])
+            out_of_range = y >= self.n
+        return y
 
 
 def split_ids(ids: torch.Tensor, val_fraction: float, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,6 +239,20 @@ def fixed_vocab(chars: list[str] | None) -> CharVocab | None:
     return CharVocab(out)
 
 
+def split_test(train: torch.Tensor, total: int, test_fraction: float, seq_len: int) -> tuple[torch.Tensor, ...]:
+    """The held-out test text: the last ``test_fraction`` of the whole corpus before its validation tail, so the
+    validation text stays what it is without a test split; returns (training text, test text)."""
+    n_test = round(total * test_fraction)
+    rest, test = train[: len(train) - n_test], train[len(train) - n_test :]
+    if len(test) < seq_len + 1 or len(rest) < seq_len + 1:
+        raise CorpusError(
+            f"the corpus has {total} chars, too short for a test window of data.seq_len+1={seq_len + 1} chars with "
+            f"data.test_fraction={test_fraction} (train {len(rest)}, test {len(test)}); use a longer text or a "
+            "larger data.test_fraction"
+        )
+    return rest, test
+
+
 class CharDataModule(pl.LightningDataModule):
     """Reads the corpus, builds the vocabulary and serves training and validation batches."""
 
@@ -208,6 +272,7 @@ class CharDataModule(pl.LightningDataModule):
         targets: str = "last",
         encoding: str = "normalized",
         val_fraction: float = 0.1,
+        test_fraction: float = 0.0,
         val_max_windows: int | None = None,
         val_context: int | None = None,
         batch_size: int = 30,
@@ -227,6 +292,7 @@ class CharDataModule(pl.LightningDataModule):
         self.lowercase, self.max_chars = lowercase, max_chars
         self.seq_len, self.stride, self.layout, self.targets = seq_len, stride, layout, targets
         self.encoding, self.val_fraction, self.val_max_windows = encoding, val_fraction, val_max_windows
+        self.test_fraction = test_fraction
         self.val_context = val_context or seq_len
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self._fixed_vocab = vocab
@@ -234,31 +300,43 @@ class CharDataModule(pl.LightningDataModule):
         self.vocab: CharVocab | None = None
         self.train_ids: torch.Tensor | None = None
         self.val_ids: torch.Tensor | None = None
+        self.test_ids: torch.Tensor | None = None  # only with data.test_fraction > 0
 
     def load(self) -> CharVocab:
-        """Read the corpus once, build the vocabulary and the two id tensors; returns the vocabulary."""
+        """Map the prepared corpus, fix the vocabulary and cut the id tensors (training, validation, test when
+        asked); returns the vocabulary."""
         if self.vocab is not None:
             return self.vocab
-        text = load_text(**self.corpus_args)
-        if self.lowercase:
-            text = text.lower()
-        if self.max_chars:
-            text = text[: self.max_chars]
-        if not text:
+        args = self.corpus_args
+        file, where, key = corpus_file(args["source"], args["play"], args["path"], args["sha256"], args["data_dir"])
+        errors = args["errors"] if args["source"] == "file" else "strict"
+        # ids memory-mapped from data_dir/prepared/ (the text is read and encoded once, on the first run)
+        corpus = prepare(file, args["data_dir"], where=where, key=key, lowercase=self.lowercase, errors=errors)
+        ids, vocab = corpus.ids, corpus.vocab
+        if self.max_chars and self.max_chars < len(ids):
+            ids, vocab = keep_present(ids[: self.max_chars], vocab)
+        if len(ids) == 0:
             raise CorpusError("the corpus is empty; choose a text with characters in it")
         extra = self._extra_text()
-        fixed = fixed_vocab(self._fixed_vocab)
-        vocab = fixed if fixed is not None else CharVocab.from_text(extra + text)
-        ids = vocab.encode(text, dtype=vocab.id_dtype)
-        del text
-        train, self.val_ids = split_ids(ids, self.val_fraction, max(self.seq_len, self.val_context))
+        extra_chars = CharVocab.from_text(extra).chars if extra else []
+        target = fixed_vocab(self._fixed_vocab)
+        if target is None:
+            target = CharVocab(sorted(set(vocab.chars) | set(extra_chars))) if extra else vocab
+        ids = recode(ids, vocab, target)  # a copy only where the numbering differs (a fixed or a wider vocabulary)
+        context = max(self.seq_len, self.val_context)
+        train, self.val_ids = split_ids(ids, self.val_fraction, context)
+        if self.test_fraction:
+            train, self.test_ids = split_test(train, len(ids), self.test_fraction, context)
         if extra:
             # More training text only: the validation split stays the main corpus's own tail. The main
             # training text comes last, `main_repeat` times, so some streams read in-domain text every step.
-            train = torch.cat([vocab.encode(extra, dtype=vocab.id_dtype), *[train] * self.main_repeat])
+            # (A play corpus is small: the joined copy costs little; a user's big file is only copied so when
+            # data.extra_plays asks for plays on top of it.)
+            check_covers(target, extra_chars)
+            train = torch.cat([target.encode(extra, dtype=target.id_dtype), *[train] * self.main_repeat])
         self.train_ids = train
-        self.vocab = vocab
-        return vocab
+        self.vocab = target
+        return target
 
     def _extra_text(self) -> str:
         """The plays ``extra_plays`` adds as training text, joined ('' for none)."""
@@ -302,8 +380,25 @@ class CharDataModule(pl.LightningDataModule):
             return DataLoader(ds, batch_size=self.batch_size, shuffle=True, **workers)
         return DataLoader(ds, batch_sampler=ShuffledBatches(len(ds), self.batch_size), **workers)
 
+    def test_dataset(self) -> WindowDataset:
+        """Every test char predicted from the ``val_context`` chars before it (no subsample: scored once)."""
+        self.load()
+        if self.test_ids is None:
+            raise ConfigError("there is no test text: set data.test_fraction (e.g. 0.1) to hold one out")
+        return WindowDataset(self.test_ids, self.val_context, 1, "last")
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_dataset(), batch_size=self.val_batch_size, shuffle=False, collate_fn=_as_batch)
+
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset(), batch_size=self.val_batch_size, shuffle=False, collate_fn=_as_batch)
+        ds = self.val_dataset()
+        rank, world = self._rank()
+        # Under DDP each rank scores its own share, every window once (Lightning's DistributedSampler would repeat a
+        # few to even the shares out, and they would count twice in the validation loss the ranks sum)
+        sampler = None
+        if 1 < world <= len(ds):
+            sampler = UnrepeatedDistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, sampler=sampler, collate_fn=_as_batch)
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         x, y = batch

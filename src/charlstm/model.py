@@ -113,6 +113,7 @@ class CharLSTMModule(pl.LightningModule):
         self._val_count += y.numel()
 
     def on_validation_epoch_end(self) -> None:
+        # every rank's share summed: each rank logs the whole validation's numbers (no sync_dist needed)
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
         count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
         loss = (total / count.clamp(min=1)).float()
@@ -130,6 +131,19 @@ class CharLSTMModule(pl.LightningModule):
             prog_bar=False,
         )
         self.log("val/bpc", loss / LN2, prog_bar=True)
+
+    # -- test: the held-out text (data.test_fraction), scored like validation, once, after training -------------
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
+        loss = (total / count.clamp(min=1)).float()
+        self.log_dict({"test/loss": loss, "test/bpc": loss / LN2, "test/ppl": torch.exp(loss)})
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

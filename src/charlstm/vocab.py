@@ -36,7 +36,9 @@ class CharVocab:
     @property
     def id_dtype(self) -> torch.dtype:
         """The smallest dtype that holds every id: corpora are stored in it, batches are cast to int64."""
-        return torch.uint8 if len(self.chars) <= 256 else torch.int32
+        if len(self.chars) <= 256:
+            return torch.uint8
+        return torch.int16 if len(self.chars) <= 1 << 15 else torch.int32
 
     def _lookup(self, max_codepoint: int) -> np.ndarray:
         """A table from code point to id (-1 where absent) covering ``max_codepoint``."""

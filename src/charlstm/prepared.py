@@ -1,0 +1,400 @@
+"""Corpora prepared once: a text file read in chunks into a cache of ids and its vocabulary under
+``data_dir/prepared/``, which every later run (and every DDP rank) memory-maps instead of reading the text."""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from charlstm.errors import CorpusError, VocabError
+from charlstm.fileio import file_mode, fsync_dir
+from charlstm.vocab import CharVocab, codepoints
+
+log = logging.getLogger(__name__)
+
+# Bump when the ids a text becomes change (decoding, line ends, lowercasing, the file layout): old caches are
+# then prepared again instead of trusted.
+PREPARE_VERSION = 1
+CHUNK_BYTES = 8 << 20
+# A chunk is cut after its last space or newline within this many chars, so lowercasing (Greek final sigma
+# depends on the next char) and CRLF pairs see the same neighbours as in the whole text.
+_HOLD = 4096
+# file suffix -> (numpy dtype written, torch dtype mapped): ids below 2**15 read the same as int16, which torch
+# can gather from (it cannot index uint16 tensors)
+ID_FILES = {"u8": (np.uint8, torch.uint8), "u16": (np.uint16, torch.int16), "u32": (np.uint32, torch.int32)}
+_SUFFIX = {torch.uint8: "u8", torch.int16: "u16", torch.int32: "u32"}
+
+
+@dataclass
+class PreparedCorpus:
+    """A prepared corpus: ``ids`` is a 1-D tensor memory-mapped from ``folder`` (nothing read until used)."""
+
+    folder: Path
+    ids: torch.Tensor
+    vocab: CharVocab
+    meta: dict[str, Any]
+
+
+# -- reading the text in chunks ---------------------------------------------------------------------------------
+
+
+def iter_text(
+    path: str | os.PathLike[str], where: str, errors: str = "strict", lowercase: bool = False,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Iterator[tuple[str, int]]:  # fmt: skip
+    """The file's text in pieces, as ``(piece, bytes read so far)``, never the whole file at once.
+
+    The same text as decoding the whole file: UTF-8 decoded incrementally (a multi-byte char split by a chunk
+    boundary is joined), a leading BOM dropped, CRLF turned into LF (a pair split by a boundary too), optionally
+    lowercased. An undecodable byte is an error naming its offset in the file unless ``errors='replace'``.
+    """
+    if errors not in ("strict", "replace"):
+        raise CorpusError(f"data.errors={errors!r} is not allowed; use 'strict' or 'replace'")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    pos, held, started = 0, "", False
+    with open(path, "rb") as fh:
+        while True:
+            data = fh.read(chunk_bytes)
+            final = not data
+            pending = len(decoder.getstate()[0])  # bytes of a split char kept from the previous chunk
+            try:
+                text = decoder.decode(data, final)
+            except UnicodeDecodeError as err:
+                offset = pos - pending + err.start
+                raise CorpusError(
+                    f"{where} is not valid UTF-8: byte 0x{err.object[err.start]:02x} at offset {offset} cannot be "
+                    "decoded; convert the file to UTF-8 or set data.errors=replace"
+                ) from None
+            pos += len(data)
+            if not started and text:
+                text, started = text.removeprefix("\ufeff"), True
+            text = held + text
+            cut = len(text)
+            if not final:
+                start = max(0, len(text) - _HOLD)
+                cut = max(text.rfind("\n", start), text.rfind(" ", start)) + 1
+                if cut == 0 and len(text) >= _HOLD:
+                    cut = len(text)  # no break in sight: cut anywhere (CRLF is still kept whole below)
+                if text.endswith("\r") and cut == len(text):
+                    cut -= 1  # its "\n" may open the next chunk
+            piece, held = text[:cut], text[cut:]
+            if "\r" in piece:
+                piece = piece.replace("\r\n", "\n")
+            if lowercase:
+                piece = piece.lower()
+            if piece:
+                yield piece, pos
+            if final:
+                return
+
+
+def _points(piece: str) -> np.ndarray:
+    """Code points of a piece: its bytes for ASCII (uint8, no copy per char), else uint32."""
+    return np.frombuffer(piece.encode("ascii"), np.uint8) if piece.isascii() else codepoints(piece)
+
+
+# -- the cache folder -------------------------------------------------------------------------------------------
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _stem(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)[:40] or "corpus"
+
+
+def source_fingerprint(path: Path, key: str = "") -> str:
+    """What identifies the text: the file's size and modification time (and ``key``, e.g. a play's content)."""
+    st = path.stat()
+    return f"{key}\0{st.st_size}\0{st.st_mtime_ns}"
+
+
+def cache_names(path: Path, data_dir: str | os.PathLike[str], lowercase: bool, errors: str) -> tuple[Path, str]:
+    """Where caches go, and the group name of one source file under given settings (its cache folders are
+    ``<group>-<fingerprint>``, its lock ``.<group>.lock``)."""
+    settings = json.dumps({"version": PREPARE_VERSION, "source": str(path.resolve()), "lowercase": bool(lowercase),
+                           "errors": errors}, sort_keys=True)  # fmt: skip
+    group = f"{_stem(path)}-{_sha(settings)[:12]}"
+    return Path(data_dir) / "prepared", group
+
+
+def open_prepared(folder: Path, fingerprint: str) -> PreparedCorpus | None:
+    """The cache in ``folder`` if it is complete and made from this very source; None otherwise."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("version") != PREPARE_VERSION or meta.get("fingerprint") != fingerprint:
+            return None
+        chars = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        vocab = CharVocab(chars)
+        suffix, n = meta["ids"], int(meta["chars"])
+        np_dtype, torch_dtype = ID_FILES[suffix]
+        ids_path = folder / f"ids.{suffix}"
+        if len(vocab) != meta["vocab_size"] or n < 1 or ids_path.stat().st_size != n * np.dtype(np_dtype).itemsize:
+            return None
+    except (OSError, ValueError, KeyError, TypeError, VocabError):  # anything unreadable is simply not trusted
+        return None
+    ids = torch.from_file(str(ids_path), shared=False, size=n, dtype=torch_dtype)
+    return PreparedCorpus(folder, ids, vocab, meta)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path, what: str) -> Iterator[None]:
+    """An exclusive lock on ``lock_path`` (held by one preparing process; released if it dies)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the folder rename alone keeps a reader from a partial cache
+        yield
+        return
+    with open(lock_path, "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process that is preparing %s", what)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _remove_stale(root: Path, group: str) -> None:
+    """Under the group's lock, before building: temporaries of killed preparations, caches of older versions of
+    the source and anything unusable (runs that mapped an older cache keep reading it: its files stay open)."""
+    ours = re.compile(rf"\.{re.escape(group)}-[A-Za-z0-9_]+\.tmp|{re.escape(group)}-[0-9a-f]{{12}}")
+    for p in root.iterdir():
+        if ours.fullmatch(p.name) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+class _Progress:
+    """A rich progress bar over the bytes of both passes, shown only when preparing takes more than a second."""
+
+    def __init__(self, total: int, what: str) -> None:
+        self.total, self.what, self.start = total, what, time.monotonic()
+        self.bar: Any = None
+        self.task: Any = None
+
+    def update(self, done: int) -> None:
+        if self.bar is None:
+            if time.monotonic() - self.start < 1.0:
+                return
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+            console = Console(stderr=True)
+            if not console.is_terminal:
+                self.start = float("inf")  # logs and pipes get the summary line only
+                return
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                TimeRemainingColumn(), console=console, transient=True)  # fmt: skip
+            self.bar.start()
+            self.task = self.bar.add_task(f"preparing {self.what}", total=self.total)
+        self.bar.update(self.task, completed=done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _chars_seen(pieces: Iterator[tuple[str, int]], progress: Callable[[int], None]) -> tuple[np.ndarray, int]:
+    """The code points that occur (sorted) and the number of chars."""
+    seen = np.zeros(0x110000, dtype=bool)
+    n = 0
+    for piece, done in pieces:
+        seen[_points(piece)] = True
+        n += len(piece)
+        progress(done)
+    return np.flatnonzero(seen), n
+
+
+def _build(
+    path: Path, tmp: Path, where: str, errors: str, lowercase: bool, chunk_bytes: int,
+    progress: Callable[[int], None], after_chunk: Callable[[int], None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Two passes over the text: the vocabulary (which chars occur), then the ids written in the smallest type."""
+    size = path.stat().st_size
+
+    def text(lower: bool) -> Iterator[tuple[str, int]]:
+        return iter_text(path, where, errors, lower, chunk_bytes)
+
+    present, n = _chars_seen(text(False), progress)
+    if n == 0:
+        raise CorpusError(f"{where} has no text after decoding; point data.path at a file with text in it")
+    # Lowercasing is a char-by-char table (no lowered copy of each piece), unless a char lowercases to two chars
+    # (e.g. 'İ') or depends on its neighbours (final sigma): then the pieces are lowercased and looked at again.
+    per_char = lowercase and 0x3A3 not in present and all(len(chr(c).lower()) == 1 for c in present)
+    lower_pieces = lowercase and not per_char
+    if lower_pieces:
+        present, n = _chars_seen(text(True), lambda done: None)
+    targets = np.array([ord(chr(c).lower()) for c in present]) if per_char else present
+    final = np.unique(targets)
+    vocab = CharVocab([chr(c) for c in final])
+    suffix = _SUFFIX[vocab.id_dtype]
+    np_dtype = ID_FILES[suffix][0]
+    table = np.zeros(int(present[-1]) + 1, dtype=np_dtype)  # code point as read -> id
+    table[present] = np.searchsorted(final, targets).astype(np_dtype)
+    ascii_table = None
+    if suffix == "u8":  # for bytes.translate: id of each ASCII byte (a piece holds only chars of the vocabulary)
+        full = np.zeros(256, dtype=np.uint8)
+        full[: min(128, len(table))] = table[:128]
+        ascii_table = full.tobytes()
+    written = 0
+    with open(tmp / f"ids.{suffix}", "wb") as out:
+        for i, (piece, done) in enumerate(text(lower_pieces)):
+            if ascii_table is not None and piece.isascii():
+                out.write(piece.encode("ascii").translate(ascii_table))  # one byte per char, in C
+            else:
+                cps = _points(piece)
+                if cps.size and int(cps.max()) >= len(table):
+                    raise _changed(where)
+                out.write(table[cps].tobytes())
+            written += len(piece)
+            progress(size + done)
+            if after_chunk is not None:
+                after_chunk(i)
+        out.flush()
+        os.fsync(out.fileno())
+    if written != n:
+        raise _changed(where)
+    return {"chars": n, "ids": suffix, "vocab": vocab.to_list()}
+
+
+def _changed(where: str) -> CorpusError:
+    return CorpusError(f"{where} changed while it was being prepared; run again once it is complete")
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(value, fh, ensure_ascii=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def prepare(
+    path: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str],
+    where: str | None = None,
+    key: str = "",
+    lowercase: bool = True,
+    errors: str = "strict",
+    chunk_bytes: int = CHUNK_BYTES,
+    after_chunk: Callable[[int], None] | None = None,
+) -> PreparedCorpus:
+    """The ids of the text file ``path`` (lowercased if asked), prepared once into ``data_dir/prepared/``.
+
+    The cache is trusted only when it was made from this file as it is now (size, modification time, ``key``) with
+    the same settings; otherwise it is built again in a temporary folder and renamed into place, under a lock
+    so that processes preparing the same file at once build it once. ``after_chunk`` is a test hook.
+    """
+    path = Path(path)
+    where = where or f"corpus file {path}"
+    if errors not in ("strict", "replace"):
+        raise CorpusError(f"data.errors={errors!r} is not allowed; use 'strict' or 'replace'")
+    root, group = cache_names(path, data_dir, lowercase, errors)
+    fingerprint = _sha(f"{group}\0{source_fingerprint(path, key)}")[:16]
+    folder = root / f"{group}-{fingerprint[:12]}"
+    found = open_prepared(folder, fingerprint)
+    if found is not None:
+        return found
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / f".{group}.lock", where):
+        found = open_prepared(folder, fingerprint)  # another process may have built it while we waited
+        if found is not None:
+            return found
+        _remove_stale(root, group)
+        started = time.monotonic()
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{group}-", suffix=".tmp"))
+        bar = _Progress(2 * path.stat().st_size, where)
+        try:
+            built = _build(path, tmp, where, errors, lowercase, chunk_bytes, bar.update, after_chunk)
+            if _sha(f"{group}\0{source_fingerprint(path, key)}")[:16] != fingerprint:
+                raise _changed(where)
+            vocab = built.pop("vocab")
+            _write_json(tmp / "vocab.json", vocab)
+            meta = {"version": PREPARE_VERSION, "fingerprint": fingerprint, "source": str(path.resolve()),
+                    "lowercase": bool(lowercase), "errors": errors, "vocab_size": len(vocab), **built,
+                    "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
+            _write_json(tmp / "meta.json", meta)  # last: a folder without it is never trusted
+            mode = file_mode()
+            for p in tmp.iterdir():
+                os.chmod(p, mode)
+            os.chmod(tmp, mode | ((mode & 0o444) >> 2))  # a folder: x wherever r
+            fsync_dir(tmp)
+            os.rename(tmp, folder)
+            fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            bar.close()
+    log.info("prepared %s once: %d chars, %d-char vocabulary, %.1f s; later runs map %s", where, meta["chars"],
+             meta["vocab_size"], meta["seconds"], folder)  # fmt: skip
+    found = open_prepared(folder, fingerprint)
+    if found is None:
+        raise CorpusError(f"the prepared corpus in {folder} cannot be read back; delete it and run again")
+    return found
+
+
+# -- ids in another vocabulary ----------------------------------------------------------------------------------
+
+_REMAP_CHUNK = 1 << 22
+
+
+def _remap(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``table[ids]`` in chunks (a materialised copy in the table's dtype, never a full int64 one)."""
+    out = torch.empty(len(ids), dtype=table.dtype)
+    for i in range(0, len(ids), _REMAP_CHUNK):
+        out[i : i + _REMAP_CHUNK] = table[ids[i : i + _REMAP_CHUNK].long()]
+    return out
+
+
+def keep_present(ids: torch.Tensor, vocab: CharVocab) -> tuple[torch.Tensor, CharVocab]:
+    """The vocabulary of the chars ``ids`` hold (a slice of a corpus may lack some): ``ids`` unchanged (still
+    mapped) when it holds them all, else re-numbered in the smaller vocabulary."""
+    counts = torch.zeros(len(vocab), dtype=torch.long)
+    for i in range(0, len(ids), _REMAP_CHUNK):
+        counts += torch.bincount(ids[i : i + _REMAP_CHUNK].long(), minlength=len(vocab))
+    kept = torch.nonzero(counts).flatten()
+    if len(kept) == len(vocab):
+        return ids, vocab
+    smaller = CharVocab([vocab.chars[i] for i in kept.tolist()])
+    table = torch.zeros(len(vocab), dtype=smaller.id_dtype)
+    table[kept] = torch.arange(len(kept)).to(smaller.id_dtype)
+    return _remap(ids, table), smaller
+
+
+def check_covers(target: CharVocab, chars: list[str], what: str = "data.vocab") -> None:
+    """Every char of the text (``chars``) must be in ``target``; else an error naming ``what``, the setting
+    that fixed the vocabulary."""
+    missing = [c for c in chars if c not in target.index]
+    if missing:
+        more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise VocabError(
+            f"the corpus has {len(missing)} character(s) {what} lacks: {', '.join(repr(c) for c in missing[:20])}"
+            f"{more}; add them to {what}, or train on a text without them"
+        )
+
+
+def recode(ids: torch.Tensor, vocab: CharVocab, target: CharVocab) -> torch.Tensor:
+    """``ids`` (over ``vocab``, every char present) as ids of ``target``; unchanged when the numbering agrees."""
+    check_covers(target, vocab.chars)
+    numbers = [target.index[c] for c in vocab.chars]
+    if numbers == list(range(len(vocab))) and ids.dtype == target.id_dtype:
+        return ids
+    return _remap(ids, torch.tensor(numbers, dtype=torch.long).to(target.id_dtype))
