@@ -11,7 +11,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train generate eval test lint format tensorboard sweep bench clean
+.PHONY: help install train generate eval test lint format tensorboard sweep search bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -49,9 +49,12 @@ tensorboard: install ## TensorBoard over every run and sweep job under outputs/
 sweep: install ## a sweep: units x seq_len (4 default runs); job folders and summary.md under outputs/multirun/
 	$(PY) train.py -m model.units=64,128 data.seq_len=50,100 $(ARGS)
 
+search: install ## an Optuna search (hparams_search=lstm) in outputs/search/lstm/; run it again to continue the study
+	$(PY) train.py -m hparams_search=lstm $(ARGS)
+
 bench: install ## the README's performance and quality tables (see benchmarks/)
 	$(PY) benchmarks/train_bench.py $(ARGS)
 	$(PY) benchmarks/generate_speed.py
 
 clean: ## remove runs, cached corpora and caches (keeps .venv)
-	rm -rf outputs/2* outputs/multirun data/*.txt data/downloads .pytest_cache .ruff_cache
+	rm -rf outputs/2* outputs/multirun outputs/search data/*.txt data/downloads .pytest_cache .ruff_cache

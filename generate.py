@@ -5,4 +5,4 @@ from pathlib import Path
 from charlstm.cli import hydra_entry
 
 if __name__ == "__main__":
-    hydra_entry(Path(__file__).resolve().parent / "configs", "generate", "charlstm.generate:run")
+    hydra_entry(Path(__file__).resolve().parent / "configs", "generate", "charlstm.generate:run", plain=True)

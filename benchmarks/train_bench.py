@@ -11,7 +11,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,10 +21,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from benchlib import SHARED_NOTE, Samples, machine_line, quiet, timed
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
+from charlstm.hardware import cpu_capability
 from charlstm.net import encode_inputs
 from charlstm.train import train
 
@@ -46,19 +47,7 @@ def config(overrides: list[str], out: Path) -> DictConfig:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads, "
-        f"{torch.backends.cpu.get_cpu_capability()}), pytorch-lightning {pl.__version__}, "
-        f"Python {platform.python_version()}"
-    )
+    return f"{machine_line()}; pytorch-lightning {pl.__version__}"
 
 
 # --------------------------------------------------------------------------------------------- 1. overhead
@@ -87,27 +76,34 @@ def lightning_steps(cfg: DictConfig, module: pl.LightningModule, datamodule, ste
     return (timer.end - timer.start) / timer.steps
 
 
-def plain_steps(module: pl.LightningModule, datamodule, steps: int, warmup: int) -> float:
-    """Seconds per step of a plain PyTorch loop over the same model, batches, loss and optimizer."""
+def plain_steps(
+    module: pl.LightningModule, datamodule, steps: int, warmup: int, bf16: bool = False, clip: float | None = None
+) -> tuple[float, float]:
+    """(wall, CPU) seconds per step of a plain PyTorch loop over the same model, batches, loss and optimizer
+    (fused Adam/AdamW, as the project's), under ``torch.autocast(bfloat16)`` when ``bf16``."""
     net, hp, vocab_size = module.net, module.hparams, len(module.hparams.vocab)
     net.train()
-    opt = torch.optim.Adam(net.parameters(), lr=hp.lr)
+    opt_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=True)
     state = None
     start = None
     for i, (x, y) in enumerate(datamodule.train_dataloader()):
         if i == warmup:
-            start = time.perf_counter()
+            start = time.perf_counter(), time.process_time()
         x = encode_inputs(x, hp.encoding, vocab_size)
-        logits, s = net(x, state if hp.layout == "streams" else None, last_only=y.dim() == 1)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            logits, s = net(x, state if hp.layout == "streams" else None, last_only=y.dim() == 1)
+            loss = F.cross_entropy(logits.reshape(-1, vocab_size).float(), y.reshape(-1))
         if hp.layout == "streams":
             state = (s[0].detach(), s[1].detach())
-        loss = F.cross_entropy(logits.reshape(-1, vocab_size), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
         opt.step()
         if i + 1 == steps + warmup:
             break
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start[0]) / steps, (time.process_time() - start[1]) / steps
 
 
 def bench_overhead(steps: int, rounds: int, tmp: Path) -> dict:
@@ -120,7 +116,7 @@ def bench_overhead(steps: int, rounds: int, tmp: Path) -> dict:
     light, plain = [], []
     for _ in range(rounds):  # alternated, so drifts in machine load hit both
         light.append(lightning_steps(cfg, copy.deepcopy(base), datamodule, steps, warmup))
-        plain.append(plain_steps(copy.deepcopy(base), datamodule, steps, warmup))
+        plain.append(plain_steps(copy.deepcopy(base), datamodule, steps, warmup)[0])
     lm, pm = statistics.median(light), statistics.median(plain)
     return {
         "lightning_ms": lm * 1e3, "plain_ms": pm * 1e3, "ratio": lm / pm, "rounds": rounds, "steps": steps,
@@ -130,14 +126,43 @@ def bench_overhead(steps: int, rounds: int, tmp: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- 2. GFLOP/s
-def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+def _gflops(fn, flops: float, reps: int, cpu_time: bool) -> float:
+    """The best of ``reps`` timed calls (after a warm-up), in GFLOP/s: a ceiling is what the machine can do."""
+    fn()
+    best = min(timed(fn)[1 if cpu_time else 0] for _ in range(reps))
+    return flops / best / 1e9
+
+
+def matmul_ceilings(dtype: torch.dtype, cpu_time: bool, reps: int = 5) -> dict[str, float]:
+    """GFLOP/s of square matmuls (1024, 2048) in ``dtype``, each way torch runs them on a CPU: MKL's sgemm behind
+    ``torch.mm`` (fp32), oneDNN behind ``torch.mm`` (bf16 dispatches there) and oneDNN's linear on mkldnn tensors
+    (fp32 and bf16). The ceiling for the dtype is the best of them."""
+    out: dict[str, float] = {}
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        am, bm = a.to_mkldnn(), b.to_mkldnn()
+        mm = "torch.mm (MKL)" if dtype == torch.float32 else "torch.mm (oneDNN)"
+        ways = {
+            mm: lambda a=a, b=b: torch.mm(a, b),
+            "oneDNN linear, mkldnn tensors": lambda am=am, bm=bm: torch._C._nn.mkldnn_linear(am, bm, None),
+        }
+        for name, fn in ways.items():
+            out[f"{name}, {n}x{n}"] = _gflops(fn, 2 * n**3, reps, cpu_time)
+    return out
+
+
+def bench_all_flops(steps: int, rounds: int, tmp: Path) -> dict:
+    """Ceilings for fp32 (and bf16 where the CPU computes it natively), then each recipe's step against them. With
+    one thread the figures use CPU time, which a shared machine's other load does not inflate; else wall time."""
+    cpu_time = torch.get_num_threads() == 1
+    dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if cpu_capability().bf16 else {})}
+    ceilings = {p: matmul_ceilings(dtype, cpu_time) for p, dtype in dtypes.items()}
+    return {
+        "basis": "CPU" if cpu_time else "wall", "steps": steps, "rounds": rounds, "ceilings": ceilings,
+        "ceiling": {p: max(c.values()) for p, c in ceilings.items()},
+        "tutorial": bench_flops(TUTORIAL, steps, rounds, tmp, ["fp32"]),  # the tutorial is exact fp32 by design
+        "default": bench_flops(DEFAULT, steps, rounds, tmp, list(dtypes)),
+    }  # fmt: skip
 
 
 def step_flops(hp, batch: int, seq_len: int, last_only: bool) -> float:
@@ -149,7 +174,9 @@ def step_flops(hp, batch: int, seq_len: int, last_only: bool) -> float:
     return 3 * batch * (lstm * seq_len + head)
 
 
-def bench_flops(recipe: list[str], steps: int, tmp: Path) -> dict:
+def bench_flops(recipe: list[str], steps: int, rounds: int, tmp: Path, precisions: list[str]) -> dict:
+    """(wall, CPU) ms per step of a plain loop over the recipe's model, for each precision and, in fp32, both of
+    torch's CPU LSTM paths; the runs alternate ``rounds`` times, medians reported."""
     cfg = config(recipe, tmp / "flops")
     datamodule = instantiate(cfg.data)
     vocab = datamodule.load()
@@ -157,12 +184,19 @@ def bench_flops(recipe: list[str], steps: int, tmp: Path) -> dict:
                          layout=cfg.data.layout)  # fmt: skip
     last_only = cfg.data.layout == "windows" and cfg.data.targets == "last"
     flops = step_flops(module.hparams, cfg.data.batch_size, cfg.data.seq_len, last_only)
-    result = {}
-    for name, enabled in (("onednn", True), ("native", False)):
-        with torch.backends.mkldnn.flags(enabled=enabled):
-            sec = plain_steps(copy.deepcopy(module), datamodule, steps, 3)
-        result[name] = {"ms": sec * 1e3, "gflops": flops / sec / 1e9}
-    return result
+    clip = cfg.trainer.get("gradient_clip_val")
+    runs = [(p, "oneDNN") for p in precisions] + [("fp32", "native ATen")]
+    samples = {run: Samples() for run in runs}
+    for _ in range(rounds):
+        for precision, path in runs:
+            with torch.backends.mkldnn.flags(enabled=path == "oneDNN"):
+                one = plain_steps(copy.deepcopy(module), datamodule, steps, 3, precision == "bf16", clip)
+            samples[(precision, path)].add(*one)
+    return {
+        f"{p} {path}": {"precision": p, "path": path, "wall_ms": s.wall_median * 1e3, "cpu_ms": s.cpu_median * 1e3,
+                        "gflop_per_step": flops / 1e9}
+        for (p, path), s in samples.items()
+    }  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- 3. bpc against time
@@ -296,29 +330,54 @@ def plot(curves: dict, path: Path) -> bool:
     return True
 
 
+def flops_markdown(f: dict, machine_text: str) -> list[str]:
+    basis = f["basis"]
+    precisions = [p for p in ("fp32", "bf16") if p in f["ceilings"]]
+    out = [f"### Matmul ceilings: GFLOP/s, best of 5 ({basis} time)", "", machine_text, "",
+           "| way | " + " | ".join(precisions) + " |", "|---|" + "---|" * len(precisions)]  # fmt: skip
+    ways = sorted({w for p in precisions for w in f["ceilings"][p]})
+    for way in ways:
+        cells = [f"{f['ceilings'][p][way]:.0f}" if way in f["ceilings"][p] else "-" for p in precisions]
+        out.append(f"| {way} | " + " | ".join(cells) + " |")
+    out += ["| **ceiling (the best)** | " + " | ".join(f"**{f['ceiling'][p]:.0f}**" for p in precisions) + " |", ""]
+    out += [f"### Achieved GFLOP/s of the training step, against the ceiling for its precision ({basis} time)", "",
+            machine_text, "",
+            "| recipe | precision | LSTM path | GFLOP/step | wall ms/step | CPU ms/step | GFLOP/s | share of ceiling |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    over = False
+    for recipe in ("tutorial", "default"):
+        for r in f.get(recipe, {}).values():
+            ms = r["cpu_ms"] if basis == "CPU" else r["wall_ms"]
+            gflops = r["gflop_per_step"] / (ms / 1e3)
+            share = gflops / f["ceiling"][r["precision"]]
+            over |= share > 1
+            flag = " (!)" if share > 1 else ""
+            cells = [recipe, r["precision"], r["path"], f"{r['gflop_per_step']:.2f}", f"{r['wall_ms']:.1f}",
+                     f"{r['cpu_ms']:.1f}", f"{gflops:.0f}", f"{100 * share:.0f}%{flag}"]  # fmt: skip
+            out.append("| " + " | ".join(cells) + " |")
+    out += ["", f"FLOPs: LSTM gate matmuls + head, backward counted as 2 x forward; GFLOP/s from the median "
+            f"{basis} ms per step of {f['rounds']} alternated rounds of {f['steps']} steps (a plain loop over the "
+            "recipe's model and batches, fused Adam/AdamW)."]  # fmt: skip
+    if over:
+        out.append("(!) above the measured ceiling: the ceiling's runs were slowed by other load; rerun.")
+    return [*out, ""]
+
+
 def markdown(results: dict) -> str:
-    out = [f"Machine: {results['machine']}", ""]
+    out = [f"Machine: {results['machine']}", "", SHARED_NOTE if results.get("shared") else "", ""]
     if "overhead" in results:
         o = results["overhead"]
         out += ["### Lightning overhead (tutorial recipe: batch 30, seq_len 50, 2 x 300, normalized input)", "",
+                results["machine"], "",
                 "| loop | ms/step (median) |", "|---|---|",
                 f"| charlstm (Lightning trainer, callbacks, TensorBoard) | {o['lightning_ms']:.2f} |",
                 f"| plain PyTorch loop, same model and batches | {o['plain_ms']:.2f} |",
                 f"| **ratio** | **{o['ratio']:.3f}** |", "",
                 f"{o['rounds']} alternated rounds of {o['steps']} steps each.", ""]  # fmt: skip
     if "flops" in results:
-        f = results["flops"]
-        peak = f["matmul_gflops"]
-        out += [f"### Achieved GFLOP/s of the training step (float32 matmul peak here: {peak:.1f} GFLOP/s)",
-                "", "| recipe | LSTM path | ms/step | GFLOP/s | % of matmul peak |",
-                "|---|---|---|---|---|"]  # fmt: skip
-        for recipe in ("tutorial", "default"):
-            for path, r in f[recipe].items():
-                out.append(f"| {recipe} | {path} | {r['ms']:.1f} | {r['gflops']:.1f} | "
-                           f"{100 * r['gflops'] / f['matmul_gflops']:.0f}% |")  # fmt: skip
-        out.append("")
+        out += flops_markdown(results["flops"], results["machine"])
     if "curves" in results:
-        out += ["### Validation bits/char against training time", "",
+        out += ["### Validation bits/char against training time", "", results["machine"], "",
                 "| recipe | budget (s) | val/bpc at each validation (training s: bpc) | best, full validation split |",
                 "|---|---|---|---|"]  # fmt: skip
         for name, c in results["curves"].items():
@@ -329,6 +388,8 @@ def markdown(results: dict) -> str:
         out += [
             "### Peak resident memory against corpus size",
             "",
+            results["machine"],
+            "",
             "| corpus | layout | peak RSS (MB) |",
             "|---|---|---|",
         ]
@@ -338,9 +399,12 @@ def markdown(results: dict) -> str:
     return "\n".join(out)
 
 
+SECTIONS = ("overhead", "flops", "curves", "memory")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="overhead,flops,curves,memory")
+    ap.add_argument("--only", default=",".join(SECTIONS))
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     ap.add_argument("--steps", type=int, default=60, help="timed steps per round (overhead, flops)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -349,21 +413,21 @@ def main() -> None:
     ap.add_argument("--curves", default="tutorial,default", help="which recipes the curves section runs")
     ap.add_argument("--val-windows", type=int, default=2000, help="validation subsample during the curve runs")
     ap.add_argument("--memory-mb", default="1,10,100")
+    ap.add_argument("--shared", action="store_true", help="say in the tables that other jobs shared the machine")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    quiet()
     torch.set_num_threads(args.threads)
     only = set(args.only.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"machine": machine(), "command": " ".join(sys.argv)}
+    results: dict = {"machine": machine(), "command": " ".join(sys.argv), "shared": args.shared}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         if "overhead" in only:
             results["overhead"] = bench_overhead(args.steps, args.rounds, tmp)
         if "flops" in only:
-            results["flops"] = {"matmul_gflops": matmul_gflops(),
-                                "tutorial": bench_flops(TUTORIAL, args.steps, tmp),
-                                "default": bench_flops(DEFAULT, max(5, args.steps // 4), tmp)}  # fmt: skip
+            results["flops"] = bench_all_flops(args.steps, args.rounds, tmp)
         if "curves" in only:
             curves = {}
             for name, recipe, budget in (("tutorial (experiment=seed)", TUTORIAL, args.budget_tutorial),
@@ -380,8 +444,10 @@ def main() -> None:
     results["seconds"] = time.perf_counter() - t0
     text = markdown(results) + f"\nTotal benchmark time: {results['seconds'] / 60:.1f} min (`{results['command']}`)\n"
     print(text)
-    (args.out / "train_bench.md").write_text(text)
-    (args.out / "train_bench.json").write_text(json.dumps(results, indent=1, default=str))
+    # a partial run (--only) keeps the full run's files and writes its own beside them
+    stem = "train_bench" if only >= set(SECTIONS) else "train_bench-" + "-".join(s for s in SECTIONS if s in only)
+    (args.out / f"{stem}.md").write_text(text)
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":

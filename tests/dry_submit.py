@@ -34,14 +34,15 @@ def map_array(executor: Any, launcher: Any, *iterables: Any) -> list[NotSent]:
 
     inner = executor._executor
     jobs = []
-    for overrides, _key, num, _id, _state in zip(*iterables, strict=True):
+    for overrides, _key, num, _id, _state, _claim in zip(*iterables, strict=True):
         cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
         with_hydra = OmegaConf.to_container(cfg, resolve=False)
         with_hydra.pop("hydra")
         OmegaConf.set_struct(cfg, False)
         cfg.pop("hydra")
         validate_train(cfg)
-        jobs.append({"num": num, "overrides": list(overrides), "config": with_hydra})
+        folder = next(iter(_claim.values()))["dir"]  # claimed here, sent with the job (also to its requeued start)
+        jobs.append({"num": num, "overrides": list(overrides), "config": with_hydra, "folder": folder})
     parameters = dict(inner.parameters)
     if len(jobs) > 1:
         inner.parameters["map_count"] = len(jobs)  # an array job, as submitit sends a sweep

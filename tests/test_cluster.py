@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -35,6 +36,7 @@ def sbatch_options(script: str) -> dict[str, str]:
 # -- SLURM, up to the sbatch call --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_slurm_sweep_sends_one_ddp_job_per_point_sized_to_the_trainer(tmp_path):
     out = tmp_path / "submitted.json"
     args = ["-m", "hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.num_nodes=2", "model.units=128,256",
@@ -47,6 +49,8 @@ def test_a_slurm_sweep_sends_one_ddp_job_per_point_sized_to_the_trainer(tmp_path
     assert sent["executor"] == "SlurmExecutor" and sent["launcher"] == "SlurmLauncher"
     jobs = sent["jobs"]
     assert [j["config"]["model"]["units"] for j in jobs] == [128, 256]
+    assert [Path(j["folder"]) for j in jobs] == [tmp_path / "sweep" / "0_model.units=128",
+                                                 tmp_path / "sweep" / "1_model.units=256"]  # fmt: skip
     trainer = jobs[0]["config"]["trainer"]
     assert (trainer["strategy"], trainer["accelerator"], trainer["num_nodes"]) == ("ddp", "gpu", 2)
     # one sbatch array: each element one Lightning run, one task per GPU on each of the trainer's nodes
@@ -231,6 +235,38 @@ def test_a_job_that_failed_is_one_line_naming_it_and_its_log(tmp_path, monkeypat
     )
 
 
+def test_a_job_runs_in_the_folder_claimed_when_it_was_submitted_also_when_requeued(tmp_path, monkeypatch):
+    import submitit
+
+    from charlstm import rundir
+    from hydra_plugins.charlstm_launcher.launchers import LocalLauncher
+
+    submitted = []
+
+    def submit(self, fn, *iterables):
+        submitted.extend(zip(*iterables, strict=True))
+        return [SimpleNamespace(results=lambda: [None], paths=SimpleNamespace(stdout="x")) for _ in submitted]
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", submit)
+    monkeypatch.setenv(rundir.FIXED_ENV, "[]")
+    monkeypatch.delenv(rundir.DIRS_ENV, raising=False)
+    launcher = LocalLauncher(submitit_folder=str(tmp_path / ".submitit" / "%j"), tasks_per_node=1, timeout_min=1)
+    launcher.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    launcher.launch([["model.units=8"], ["model.units=16"]], initial_job_idx=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".submitit", "0_model.units=8", "1_model.units=16"]
+    (tmp_path / "0_model.units=8" / "config.yaml").write_text("{}")  # the first start of job 0 used it
+
+    # job 0 started again (requeued) by its runner: a new process, with the environment of the submission
+    overrides, _, num, _, _, claim = submitted[0]
+    monkeypatch.setenv(rundir.DIRS_ENV, os.environ[rundir.DIRS_ENV])
+    monkeypatch.setattr(os, "getpid", lambda: -7)
+    monkeypatch.setenv(REQUEUE_ENV, "1")
+    rundir.adopt(claim)
+    job = OmegaConf.create({"hydra": {"overrides": {"task": overrides}}})
+    assert rundir._job_dir(str(tmp_path), num, _root_=job) == "0_model.units=8"  # its own folder, not a `-1`
+    assert len(list(tmp_path.iterdir())) == 3
+
+
 # -- submitit_local, for real ----------------------------------------------------------------------------------
 
 
@@ -264,6 +300,9 @@ def test_a_local_sweep_leaves_a_run_folder_per_job_and_a_preempted_job_requeues_
     ok(done)
     folders = run_folders(sweep)
     assert len(folders) == 2
+    # one folder per job, however often it started: nothing else under the sweep or the outputs root
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [".submitit", "0_model.units=8", "1_model.units=16"]
+    assert list(tmp_path.iterdir()) == [sweep]
     assert sorted(torch.load(f / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["units"]
                   for f in folders) == [8, 16]  # fmt: skip
     logs = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_0_log.err"))

@@ -114,6 +114,20 @@ def test_datamodule_lowercases_and_counts_validation(tmp_path, text_file):
     assert len(dm2.val_dataset()) == 4
 
 
+def test_under_ddp_each_rank_validates_its_own_share_and_every_window_once(tmp_path, text_file):
+    from types import SimpleNamespace
+
+    dm = CharDataModule(source="file", path=str(text_file("abcdefg" * 40)), data_dir=str(tmp_path), seq_len=5,
+                        val_fraction=0.2, val_batch_size=4)  # fmt: skip
+    n = len(dm.val_dataset())
+    assert n % 2 == 1  # shares of unequal size: a padding sampler would repeat a window
+    shares = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        shares.append(list(dm.val_dataloader().sampler))
+    assert sorted(shares[0] + shares[1]) == list(range(n))
+
+
 def test_extra_plays_add_training_text_only(tmp_path):
     base = CharDataModule(data_dir=str(tmp_path), seq_len=50)
     base.setup("fit")

@@ -3,6 +3,7 @@ alone reports, logs and writes the checkpoints."""
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ def test_ddp_cpu_trains_in_one_folder_and_writes_one_checkpoint_set(tmp_path, da
     assert "All distributed processes registered. Starting with 2 processes" in done.stdout
     assert done.stdout.count("run folder:") == 1  # the summary comes from rank 0 only
     assert not [line for line in done.stderr.splitlines() if line.startswith(("error", "Traceback"))]
+    assert "sync_dist" not in done.stderr  # the val/* logged are every rank's sums already (charlstm.logs)
 
     # the default run folder, outputs/<date>/<time>: rank 1 made no folder of its own
     folders = [p for p in tmp_path.glob("*/*") if p.is_dir()]
@@ -41,3 +43,37 @@ def test_ddp_cpu_trains_in_one_folder_and_writes_one_checkpoint_set(tmp_path, da
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
     events = list(tmp_path.rglob("events.out.tfevents.*"))
     assert [e.parent for e in events] == [run / "tensorboard"]  # one log, written by rank 0
+
+
+@pytest.mark.slow
+def test_ddp_cpu_in_a_local_sweep_trains_each_job_once_in_its_own_folder(tmp_path, data_dir):
+    # Lightning starts rank 1 by running the command line again: it must run its job only, in the job's folder, with
+    # the job's values as given (a prompt that needs quoting for Hydra, quoted once, on a text without quotes).
+    sweep, text = tmp_path / "sweep", tmp_path / "asm.txt"
+    text.write_text("".join(f"mov eax, [ebp-{i % 16}]; add ebx, 0x{i % 256:02x}\n" for i in range(200)))
+    cmd = [
+        sys.executable, str(ROOT / "train.py"), "-m", "trainer=ddp_cpu", *TINY, "model.units=8,12", "data=file",
+        f"data.path={text}", "trainer.max_steps=3", "trainer.enable_progress_bar=false", "sample.length=5",
+        "sample.prompt=mov eax, [", "callbacks.text_sample=null", f"paths.outputs_root={tmp_path}",
+        f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("All distributed processes registered. Starting with 2 processes") == 2
+    assert done.stdout.count("sweep summary (2 jobs") == 1  # rank 1 ran no sweep of its own
+    assert done.stdout.count("\nmov eax, [") == 2  # each job's sample, from the prompt as given
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["asm.txt", "sweep"]  # no run folder beside the sweep
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0_model.units=8", "1_model.units=12"]
+    for job, units in zip(jobs, (8, 12), strict=True):
+        assert [p.relative_to(sweep / job).as_posix() for p in (sweep / job).rglob("last.ckpt")] == [
+            "checkpoints/last.ckpt"
+        ]
+        last = checkpoint.load(sweep / job / "checkpoints" / "last.ckpt")
+        assert last["hyper_parameters"]["units"] == units and last["global_step"] == 3
+        assert (sweep / job / "train_ddp_process_1.log").is_file()  # rank 1 ran in the job's folder
+    with open(sweep / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted((r["overrides"], r["state"]) for r in rows) == [("model.units=12", "complete"),
+                                                                 ("model.units=8", "complete")]  # fmt: skip

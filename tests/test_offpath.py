@@ -4,13 +4,17 @@ one line."""
 
 from __future__ import annotations
 
+import os
+import pty
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.cli import SHRINK, ok, one_line_error, run_cli, run_folders
+from tests.cli import ROOT, SHRINK, ok, one_line_error, run_cli, run_folders
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +23,8 @@ ASM = "\n".join(
     for i, (op, reg) in enumerate(zip(["mov", "xor", "sub", "cmp", "lea"] * 60, ["eax", "ebx", "ecx", "edx"] * 75,
                                       strict=True))
 )  # fmt: skip
-NOISE = ("💡 Tip", "LeafSpec", "has `__len__` defined", "TF32 acceleration")
+NOISE = ("💡 Tip", "LeafSpec", "has `__len__` defined", "TF32 acceleration", "is not supported by the model summary",
+         "is smaller than the logging interval")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +92,37 @@ def test_no_progress_bar_run_logs_to_train_log(tmp_path):
     assert "validation at step 20" in done.stdout  # no live bar: the numbers are on the console too
 
 
+def test_a_terminal_gets_the_live_bar_and_a_pipe_one_line_per_validation(tmp_path):
+    (tmp_path / "piped").mkdir()
+    piped = ok(run_cli("train.py", "trainer.max_steps=20", *SHRINK, cwd=tmp_path / "piped"))
+    assert "validation at step 20 (epoch 0)" in piped.stdout
+    assert "Epoch 0" not in piped.stdout  # no bar redraws in a file or a scheduler's log
+    # the same command on a terminal: the bar, with `Epoch 0` (no epoch limit), not `Epoch 0/-2`
+    (tmp_path / "tty").mkdir()
+    main, child = pty.openpty()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    command = [sys.executable, str(ROOT / "train.py"), "trainer.max_steps=20", *SHRINK]
+    proc = subprocess.Popen(
+        command, cwd=tmp_path / "tty", env=env, stdin=subprocess.DEVNULL, stdout=child, stderr=child
+    )
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the terminal closed: the run ended
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    assert proc.wait(timeout=240) == 0
+    shown = b"".join(chunks).decode("utf-8", "replace")
+    assert "Epoch 0" in shown and "0/-2" not in shown
+    assert "validation at step 20" not in shown  # the bar carries the numbers; the line is in train.log
+
+
 def test_debug_fast_runs_on_the_default_recipe(tmp_path):
     ok(run_cli("train.py", "debug=fast", *SHRINK, cwd=tmp_path))
 
@@ -97,6 +133,11 @@ def test_debug_fast_runs_on_the_default_recipe(tmp_path):
         (["experiment=fast"], "error: experiment=fast is not a known choice; choices: charrnn, default,"),
         (["model.unit=64"], "error: model.unit is not a setting: did you mean model.units?"),
         (["data.seq_len=0"], "error: data.seq_len=0 is not allowed: it must be an integer >= 1"),
+        (
+            ["-m", "model.units=8,16", "--cfg", "job"],
+            "error: --cfg prints the config of one run, and Hydra does not "
+            "combine it with -m: drop -m and give each swept key one value, e.g. model.units=8 (",
+        ),
     ],
 )
 def test_mistakes_are_one_line_and_leave_no_run_folder(tmp_path, args, expected):

@@ -123,3 +123,26 @@ def test_bf16_weights_load_into_an_fp32_network(bf16_run, tmp_path):
     assert torch.equal(net.head.weight, ckpt["state_dict"]["net.head.weight"].float())
     text = Generator.from_checkpoint(path).generate("the ", 30, 0.0)[0]
     assert len(text) == 30
+
+
+def test_bf16_mixed_clips_the_fused_optimizer(make_cfg, monkeypatch):
+    """bf16-mixed with trainer.gradient_clip_val: the fused AdamW runs, and its gradients are clipped."""
+    import pytorch_lightning as pl
+
+    from charlstm import train as train_module
+
+    norms = []
+
+    class Norms(pl.Callback):
+        def on_train_batch_end(self, trainer, module, *args):  # after the step, the clipped gradients are still there
+            grads = [p.grad for p in module.parameters() if p.grad is not None]
+            norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    cfg = make_cfg("trainer.precision=bf16-mixed", "trainer.gradient_clip_val=0.001", "trainer.max_steps=3",
+                   "model.optimizer=adamw", "logger=none", "sample.length=0", "callbacks.early_stopping=null",
+                   "trainer.limit_val_batches=0")  # fmt: skip
+    built = train_module.instantiate_named
+    monkeypatch.setattr(train_module, "instantiate_named", lambda group: [*built(group), Norms()])
+    _, objects = train_module.train(cfg)
+    assert all(group["fused"] for group in objects["trainer"].optimizers[0].param_groups)
+    assert len(norms) == 3 and max(norms) <= 0.001 * 1.001

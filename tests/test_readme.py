@@ -89,8 +89,8 @@ def prepare(command: str, cwd: Path, n: int) -> tuple[str, list[str]] | None:
     args = [f"{a.split('=', 1)[0]}={newest_last(cwd)}" if "ELLIPSIS" in a else a for a in args]
     if script == "generate.py":
         return script, [*args, "length=20"]
-    if script == "eval.py":
-        return script, args
+    if script == "eval.py":  # a corpus named on the command line is scored on its first chars only
+        return script, [*args, "data.max_chars=4000"] if any(a.startswith("data=") for a in args) else args
     if "--cfg" in args or "--help" in args:
         return script, args
     resume = any(a.startswith("ckpt_path=") for a in args)

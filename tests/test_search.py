@@ -15,7 +15,7 @@ from omegaconf import OmegaConf, open_dict
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from charlstm import search
+from charlstm import pruning, search
 from charlstm.errors import ConfigError, TrainingInterrupted
 from charlstm.train import train
 from hydra_plugins.charlstm_optuna.optuna_sweeper import CharLSTMOptunaSweeper
@@ -117,7 +117,7 @@ def pruning_cfg(make_cfg, url: str):
     cfg = make_cfg("trainer.max_epochs=-1", "trainer.max_steps=8", "trainer.val_check_interval=2",
                    "trainer.check_val_every_n_epoch=null", "callbacks.text_sample=null")  # fmt: skip
     with open_dict(cfg):
-        cfg.callbacks.optuna_pruning = {"_target_": "charlstm.search.OptunaPruning", "storage": url, "study": "s",
+        cfg.callbacks.optuna_pruning = {"_target_": "charlstm.pruning.OptunaPruning", "storage": url, "study": "s",
                                         "trial": 1, "monitor": "val/loss"}  # fmt: skip
     return cfg
 
@@ -127,10 +127,10 @@ def test_a_trial_worse_than_the_median_stops_at_that_validation_and_is_told_prun
     metrics, objects = train(pruning_cfg(make_cfg, url))
     trainer = objects["trainer"]
     assert trainer.global_step == 2  # stopped at its first validation, of four
-    assert search.pruned_at(objects["callbacks"]) == 2
+    assert pruning.pruned_at(objects["callbacks"]) == 2
     assert (objects["output_dir"] / "checkpoints" / "last.ckpt").is_file()  # a clean stop: checkpoints written
     trial = study.trials[1]
-    assert trial.user_attrs[search.PRUNED_AT] == 2
+    assert trial.user_attrs[pruning.PRUNED_AT] == 2
     assert trial.intermediate_values == {2: pytest.approx(metrics["val/loss"])}
     CharLSTMOptunaSweeper._tell(study, running, metrics["val/bpc_best"], None, "val/bpc_best")
     assert study.trials[1].state == TrialState.PRUNED
@@ -140,9 +140,9 @@ def test_a_trial_better_than_the_median_trains_to_its_end(tmp_path, make_cfg):
     study, url, _ = make_study(tmp_path, other_trial_loss=100.0)
     _, objects = train(pruning_cfg(make_cfg, url))
     assert objects["trainer"].global_step == 8
-    assert search.pruned_at(objects["callbacks"]) is None
+    assert pruning.pruned_at(objects["callbacks"]) is None
     assert sorted(study.trials[1].intermediate_values) == [2, 4, 6, 8]
-    assert search.PRUNED_AT not in study.trials[1].user_attrs
+    assert pruning.PRUNED_AT not in study.trials[1].user_attrs
 
 
 def test_a_pruned_run_records_pruned_in_its_result(tmp_path, data_dir):
@@ -185,6 +185,7 @@ def test_search_space_reads_hydra_sweep_syntax():
     assert space["d"] == IntDistribution(8, 64)
     assert space["e"] == CategoricalDistribution([0.1, 0.2])  # the command line's range replaces the config's
     assert search.search_space({}, ["b=range(1,4)"])[0]["b"] == IntDistribution(1, 3)  # Hydra's range: stop excluded
+    assert search.search_space({}, ["b=range(0.0,0.55,0.05)"])[0]["b"] == FloatDistribution(0.0, 0.5, step=0.05)
     with pytest.raises(ConfigError, match=r"^model.units=128 is not a search range"):
         search.search_space({"model.units": "128"}, [])
     with pytest.raises(ConfigError, match=r"optuna.trial is set by the Optuna sweeper"):
@@ -193,7 +194,7 @@ def test_search_space_reads_hydra_sweep_syntax():
 
 def test_lstm_search_composes_and_its_space_parses():
     cfg = compose_cfg("train", ["hparams_search=lstm"])
-    assert cfg.callbacks.optuna_pruning._target_ == "charlstm.search.OptunaPruning"
+    assert cfg.callbacks.optuna_pruning._target_ == "charlstm.pruning.OptunaPruning"
     assert cfg.optimized_metric == "val/bpc_best" and cfg.trainer.max_time
     from hydra import compose, initialize_config_dir
 

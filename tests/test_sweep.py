@@ -124,6 +124,21 @@ def test_claim_dir_adds_a_suffix_when_the_folder_exists(tmp_path):
     assert claim_dir(tmp_path / "new" / "12-00-00") == tmp_path / "new" / "12-00-00-1"
 
 
+def test_a_failed_command_takes_away_the_folders_it_claimed_and_left_unused(tmp_path):
+    (tmp_path / "outputs").mkdir()
+    sweep = claim_dir(tmp_path / "outputs" / "multirun" / "2024-01-01" / "12-00-00")
+    (sweep / "multirun.yaml").write_text("{}")  # Hydra's bookkeeping only: unused
+    used = claim_dir(tmp_path / "outputs" / "2024-01-01" / "12-00-00")
+    (used / "result.json").write_text("{}")
+    other = tmp_path / "outputs" / "2024-01-01" / "11-00-00"  # another run's folder beside it
+    other.mkdir()
+    rundir.discard_unused(sweep, used)  # (all this process's claims, when called without any)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "outputs", "outputs/2024-01-01", "outputs/2024-01-01/11-00-00", "outputs/2024-01-01/12-00-00",
+        "outputs/2024-01-01/12-00-00/result.json",
+    ]  # fmt: skip
+
+
 def test_a_claim_holds_in_its_process_and_is_inherited_by_the_processes_it_starts(tmp_path, monkeypatch):
     for var in (rundir.DIRS_ENV, "RANK", "LOCAL_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)

@@ -1,5 +1,6 @@
 """The command-line face shared by train.py, generate.py and eval.py: prompts taken literally, Hydra's own
-errors as one line, and the heavy imports made only once the config is composed (so --help is instant)."""
+errors as one line, and the heavy imports made only once the config is composed (so --help is instant).
+A command line of plain ``key=value`` settings of a flat config (generate.py's) is read without Hydra at all."""
 
 from __future__ import annotations
 
@@ -16,12 +17,20 @@ from typing import Any
 # arrive exactly as the shell gave them.
 LITERAL_KEYS = ("prompt", "sample.prompt", "callbacks.text_sample.prompt")
 _LITERAL = re.compile(r"^(\+{0,2})(" + "|".join(re.escape(k) for k in LITERAL_KEYS) + r")=(.*)$", re.DOTALL)
+# Set once this command line's free-text values are quoted for Hydra. Lightning starts the other DDP ranks by running
+# the command line again, with this environment: quoted a second time, a value would keep its quotes as text.
+QUOTED_ENV = "CHARLSTM_ARGS_QUOTED"
+
+
+def omegaconf_literal(value: str) -> str:
+    """``value`` as an OmegaConf string that reads back unchanged (no interpolation)."""
+    # a literal "${" is written "\${", with the backslashes right before it doubled
+    return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
 
 
 def quote_value(value: str) -> str:
     """``value`` as a Hydra quoted string that OmegaConf reads back unchanged (no interpolation)."""
-    # OmegaConf: a literal "${" is written "\${", with the backslashes right before it doubled.
-    value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    value = omegaconf_literal(value)
     # Hydra: backslashes before a quote or at the very end are doubled, then the quote is escaped.
     value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
     return "'" + value.replace("'", "\\'") + "'"
@@ -122,18 +131,125 @@ def launcher_without_multirun(args: Sequence[str]) -> str | None:
     return chosen
 
 
-def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
+# Hydra's modes, of which one command takes one (hydra/_internal/utils.py, _run_hydra)
+_MODES = {"-m": "-m", "--multirun": "-m", "-r": "--run", "--run": "--run", "-c": "--cfg", "--cfg": "--cfg",
+          "-i": "--info", "--info": "--info", "-sc": "--shell-completion",
+          "--shell-completion": "--shell-completion"}  # fmt: skip
+
+
+def _first_sweep(args: Sequence[str]) -> str | None:
+    """``model.units=8`` for ``model.units=8,16``: the first swept override of ``args`` at its first value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for arg in _overrides(args):
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # Hydra reports it itself
+            continue
+        if override.is_sweep_override():
+            first = next(iter(override.sweep_string_iterator()), None)
+            return f"{override.get_key_element()}={first}" if first is not None else None
+    return None
+
+
+def mode_error_line(err: ValueError, args: Sequence[str]) -> str | None:
+    """One line for Hydra's refusal of two modes in one command (``-m`` with ``--cfg``) or of ``--resolve`` without
+    ``--cfg``; None for any other error."""
+    if str(err).startswith("The --resolve flag can only be used"):
+        return "--resolve applies to --cfg (or --help): add --cfg job to print the resolved config, or drop --resolve"
+    if not str(err).startswith("Only one of --run, --multirun, --cfg"):
+        return None
+    given = list(dict.fromkeys(_MODES[a.split("=", 1)[0]] for a in args if a.split("=", 1)[0] in _MODES))
+    if "-m" in given and ("--cfg" in given or "--info" in given):
+        shown = "--cfg prints the config" if "--cfg" in given else "--info describes the composition"
+        example = _first_sweep(args)
+        fix = f"drop -m and give each swept key one value, e.g. {example}" if example else "drop -m"
+        return (
+            f"{shown} of one run, and Hydra does not combine it with -m: {fix} (each job of a sweep saves its own "
+            "config.yaml in its folder)"
+        )
+    return f"{' and '.join(given) or 'these options'} cannot be used together: Hydra takes one of -m, --run, --cfg, " \
+           "--info and --shell-completion per command"  # fmt: skip
+
+
+# What Hydra's override grammar reads as one plain scalar; any other value (quotes, lists, sweeps, interpolations,
+# escapes, spaces, `1_000`, `inf`, `~`, a leading digit or sign that is not a number ...) goes through Hydra.
+_INT = re.compile(r"[+-]?(?:0|[1-9][0-9]*)")
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.[0-9]*|\.[0-9]+|(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][+-]?[0-9]+)")
+_WORD = re.compile(r"[A-Za-z/][A-Za-z0-9_./@-]*")
+_KEY = re.compile(r"[a-z][a-z0-9_]*")
+_NOT_PLAIN = object()
+
+
+def plain_value(text: str) -> Any:
+    """The value Hydra gives ``key=TEXT`` when TEXT is a plain int, float, bool, null or word; else ``_NOT_PLAIN``."""
+    low = text.lower()
+    if _INT.fullmatch(text):
+        return int(text)
+    if _FLOAT.fullmatch(text):
+        return float(text)
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "null":
+        return None
+    if low in ("inf", "nan") or not _WORD.fullmatch(text):
+        return _NOT_PLAIN
+    return text
+
+
+def plain_config(config_dir: Path, config_name: str, args: Sequence[str]) -> Any:
+    """The config Hydra would compose for ``args``, read without Hydra, when that is certain to be the same: the
+    config file composes nothing but itself (its defaults only ``_self_`` and Hydra's own settings, no
+    interpolation), and every argument is ``key=value`` for one of its top-level keys, once, with a plain value
+    (free-text keys such as ``prompt`` take any text, as Hydra is given it quoted). Otherwise None: Hydra reads it."""
+    from omegaconf import DictConfig, OmegaConf
+
+    cfg = OmegaConf.load(Path(config_dir) / f"{config_name}.yaml")
+    defaults = cfg.pop("defaults", [])
+    cfg.pop("hydra", None)
+    own = all(d == "_self_" or (isinstance(d, DictConfig) and all(str(k).startswith("override hydra/") for k in d))
+              for d in defaults)  # fmt: skip
+    if not own or "${" in str(OmegaConf.to_container(cfg, resolve=False)):
+        return None
+    seen = set()
+    for arg in args:
+        key, eq, text = arg.partition("=")
+        if not eq or not _KEY.fullmatch(key) or key not in cfg or key in seen:
+            return None
+        seen.add(key)
+        value = omegaconf_literal(text) if key in LITERAL_KEYS else plain_value(text)
+        if value is _NOT_PLAIN:
+            return None
+        cfg[key] = value
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def _task(task: str) -> Any:
+    module_name, _, function = task.partition(":")
+    return getattr(importlib.import_module(module_name), function or "run")
+
+
+def hydra_entry(config_dir: Path, config_name: str, task: str, plain: bool = False) -> Any:
     """Run ``task`` (``module:function`` taking the composed config) under ``@hydra.main``.
 
     Hydra's own errors (unknown choice, mistyped key, unreadable override) become one ``error:`` line and
     exit status 1; ``HYDRA_FULL_ERROR=1`` set by the user still shows Hydra's full traceback. A launcher's
-    error (a cluster job that failed) is its one line too.
+    error (a cluster job that failed) is its one line too. A command that fails takes away the run and sweep
+    folders it claimed and left unused (e.g. a launcher refused before the first job). With ``plain``, a command
+    line :func:`plain_config` can read runs ``task`` without Hydra (generate.py: its start-up is then little more
+    than importing torch).
     """
+    if plain:
+        cfg = plain_config(config_dir, config_name, sys.argv[1:])
+        if cfg is not None:
+            return _task(task)(cfg)
     import hydra
 
     from charlstm.cluster import quiet_schema_note
     from charlstm.errors import CharLSTMError
-    from charlstm.rundir import register_resolvers
+    from charlstm.rundir import discard_unused, register_resolvers
 
     register_resolvers()  # run and sweep folders (configs/hydra/default.yaml)
     quiet_schema_note()
@@ -141,17 +257,18 @@ def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
     user_full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Makes Hydra raise instead of printing its multi-line report, so the error can be said in one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    args = literal_args(sys.argv[1:])
+    rank_started_by_lightning = os.environ.get(QUOTED_ENV) == "1" and os.environ.get("LOCAL_RANK", "0") != "0"
+    args = sys.argv[1:] if rank_started_by_lightning else literal_args(sys.argv[1:])
+    os.environ[QUOTED_ENV] = "1"
     sys.argv = [sys.argv[0], *args]
     launcher = launcher_without_multirun(args)
     if launcher:
         print(f"error: {launcher} applies to -m runs only (Hydra launches multiruns; one job is fine): "
               f"python {Path(sys.argv[0]).name} -m {' '.join(args)}", file=sys.stderr, flush=True)  # fmt: skip
         sys.exit(1)
-    module_name, _, function = task.partition(":")
 
     def main(cfg: Any) -> Any:
-        return getattr(importlib.import_module(module_name), function or "run")(cfg)
+        return _task(task)(cfg)
 
     # Hydra names the job (and so the log file: train.log) after the module of the task function.
     main.__module__ = Path(sys.argv[0]).stem or config_name
@@ -163,10 +280,23 @@ def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
     try:
         return main()
     except (HydraException, OmegaConfBaseException) as err:
+        discard_unused()
         if user_full_error:
             raise
         print(f"error: {hydra_error_line(err, config_dir, config_name, args)}", file=sys.stderr, flush=True)
         sys.exit(1)
     except CharLSTMError as err:
+        discard_unused()
         print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
+    except ValueError as err:
+        discard_unused()
+        line = mode_error_line(err, args)
+        if line is None or user_full_error:
+            raise
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except BaseException as err:
+        if not (isinstance(err, SystemExit) and err.code in (0, None)):
+            discard_unused()
+        raise

@@ -7,6 +7,7 @@ import math
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from charlstm.corpus import corpus_file, play_names, play_text
@@ -390,7 +391,14 @@ class CharDataModule(pl.LightningDataModule):
         return DataLoader(self.test_dataset(), batch_size=self.val_batch_size, shuffle=False, collate_fn=_as_batch)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset(), batch_size=self.val_batch_size, shuffle=False, collate_fn=_as_batch)
+        ds = self.val_dataset()
+        rank, world = self._rank()
+        # Under DDP each rank scores its own share, every window once (Lightning's DistributedSampler would repeat a
+        # few to even the shares out, and they would count twice in the validation loss the ranks sum)
+        sampler = None
+        if 1 < world <= len(ds):
+            sampler = UnrepeatedDistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, sampler=sampler, collate_fn=_as_batch)
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         x, y = batch

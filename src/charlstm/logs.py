@@ -21,6 +21,9 @@ _FILE_ONLY_PREFIXES = (
     "IPU available:",
     "Restoring states from the checkpoint path at",
     "Loaded model weights from the checkpoint at",
+    # the precision plugin's announcement: the run's own start lines already say which precision and why
+    "Using bfloat16 Automatic Mixed Precision",
+    "Using 16bit Automatic Mixed Precision",
 )
 
 
@@ -66,6 +69,20 @@ def quiet_known_warnings() -> None:
     # StreamDataset defines __len__ for the progress bar and is always read by one process (num_workers=0)
     warnings.filterwarnings(
         "ignore", message=r"Your `IterableDataset` has `__len__` defined", module=r"pytorch_lightning\."
+    )
+    # The model summary sizes parameters at 32 bits under a mixed precision, which is right: mixed precision keeps
+    # the weights in float32 (only bf16-true / 16-true weights are 16-bit, and those it sizes itself)
+    warnings.filterwarnings(
+        "ignore", message=r"Precision \S+-mixed is not supported by the model summary", module=r"pytorch_lightning\."
+    )
+    # Under DDP: val/* are logged after CharLSTMModule sums the validation loss and char count of every rank (each
+    # scores its own share of the windows), so each rank logs the whole validation's numbers already; train/* are
+    # each rank's own batches, an unbiased sample of the same loss, and syncing them would add two collective calls
+    # to every training step
+    warnings.filterwarnings(
+        "ignore",
+        message=r"It is recommended to use `self\.log\('(val|train)/\w+', \.\.\., sync_dist=True\)`",
+        module=r"pytorch_lightning\.",
     )
     # oneDNN's note about TF32 on Intel GPUs, printed once on CPUs where it cannot apply
     warnings.filterwarnings("ignore", message=r".*TF32 acceleration on top of oneDNN", category=UserWarning)

@@ -113,6 +113,7 @@ class CharLSTMModule(pl.LightningModule):
         self._val_count += y.numel()
 
     def on_validation_epoch_end(self) -> None:
+        # every rank's share summed: each rank logs the whole validation's numbers (no sync_dist needed)
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
         count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
         loss = (total / count.clamp(min=1)).float()
@@ -155,7 +156,7 @@ class CharLSTMModule(pl.LightningModule):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         opt_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
-        opt = opt_cls(groups, lr=hp.lr)
+        opt = opt_cls(groups, lr=hp.lr, **self._fused())
         if hp.scheduler == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt, mode="min", factor=hp.plateau_factor, patience=hp.plateau_patience
@@ -190,6 +191,34 @@ class CharLSTMModule(pl.LightningModule):
                 )
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return opt
+
+    def _grad_scaler(self) -> Any:
+        plugin = self._trainer.precision_plugin if self._trainer is not None else None
+        return getattr(plugin, "scaler", None)
+
+    def _fused(self) -> dict[str, bool]:
+        """The fused Adam/AdamW (one kernel for all tensors) where torch has it for the parameters' device: on a CPU
+        ~10x faster than the per-tensor loop, a sixth of a bf16 step at the default sizes. Not with fp16's grad
+        scaler, which must unscale the gradients before they are clipped."""
+        devices = {p.device.type for p in self.parameters()}
+        fused = self._grad_scaler() is None and devices <= {"cpu", "cuda"}
+        return {"fused": True} if fused else {}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:  # fmt: skip
+        """``trainer.gradient_clip_val`` as Lightning clips, also for the fused optimizer under bf16-mixed: Lightning's
+        mixed-precision plugin refuses any fused optimizer, though without a grad scaler there is nothing to unscale."""
+        fused = any(group.get("fused") for group in optimizer.param_groups)
+        if not gradient_clip_val or not fused or self._grad_scaler() is not None:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def _time_budget(self) -> float | None:
         """Seconds of ``trainer.max_time`` (None when the run is bounded by steps or epochs only)."""

@@ -5,7 +5,9 @@ Hydra resolves ``hydra.run.dir`` and ``hydra.sweep.dir`` through the ``charlstm.
 ``hydra.sweep.subdir`` through ``charlstm.job_dir`` (configs/hydra/default.yaml). The folder a process claims is
 kept in ``os.environ``: resolving the same setting again in that process (Lightning reads ``hydra.run.dir`` to
 start the DDP ranks, Hydra re-reads the sweep folder for every job) gives the same folder, and processes started
-from it inherit the choice.
+from it inherit the choice. A cluster launcher claims each job's folder when it submits the job and sends the claim
+with it (:func:`hand_off`, :func:`adopt`): every task of the job, and every start of it after a requeue, uses that
+folder. A command that fails takes away the folders it claimed and left unused (:func:`discard_unused`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -29,24 +32,54 @@ FIXED_ENV = "CHARLSTM_SWEEP_FIXED"
 # Longest override part of a job folder name; longer ones are cut and end in a short hash of the whole
 NAME_LIMIT = 100
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@-]+")
+# What a folder may hold and still count as unused: Hydra's copy of the config, a sweep's multirun.yaml, the log
+BOOKKEEPING = (".hydra", "multirun.yaml", "train.log")
+# The folders claim_dir made in this process, each with the parents it made for it (innermost first)
+_made: dict[Path, list[Path]] = {}
 
 
 def claim_dir(base: str | os.PathLike[str]) -> Path:
     """Create ``base``, or ``base-1``, ``base-2``, ... when it exists, and return the folder created.
 
     ``os.mkdir`` either creates the folder or fails, so two processes claiming the same name at the same moment
-    never share it.
+    never share it. The folder and the parents made for it are noted, so a command that fails before it used
+    them takes them away again (:func:`discard_unused`).
     """
     base = Path(base)
+    missing = [p for p in (base.parent, *base.parent.parents) if not p.exists()]
     base.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     while True:
         folder = base if n == 0 else base.with_name(f"{base.name}-{n}")
         try:
             os.mkdir(folder)
-            return folder
         except FileExistsError:
             n += 1
+            continue
+        _made[folder] = missing
+        return folder
+
+
+def is_unused(folder: Path) -> bool:
+    """True when ``folder`` holds nothing a run made: only Hydra's copies of the config and the log, if that."""
+    try:
+        return all(p.name in BOOKKEEPING for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def discard_unused(*folders: Path) -> None:
+    """Remove the folders this process claimed (all, or ``folders``) that are still unused, and the parents made
+    for them that this leaves empty: a command refused before its first job leaves no folder behind."""
+    for folder in [f for f in reversed(_made) if not folders or f in folders]:
+        if not is_unused(folder):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        for parent in _made.pop(folder):  # innermost first
+            try:
+                parent.rmdir()  # only when empty: another run may have made its folder there meanwhile
+            except OSError:
+                break
 
 
 def safe_name(text: str, limit: int = NAME_LIMIT) -> str:
@@ -148,8 +181,34 @@ def release(*keys: str) -> None:
     claims = _claims()
     for key in keys or list(claims):
         if key in claims and claims[key].get("pid") == os.getpid():
+            _made.pop(Path(claims[key]["dir"]), None)
             del claims[key]
     os.environ[DIRS_ENV] = json.dumps(claims)
+
+
+def job_key(sweep_dir: str, num: Any) -> str:
+    return f"job:{sweep_dir}:{num}"
+
+
+def claim_job_dir(sweep_dir: str, num: Any, overrides: Sequence[str]) -> str:
+    """The folder of job ``num`` of the sweep in ``sweep_dir`` (whose overrides are ``overrides``), claimed once."""
+    return claimed(job_key(sweep_dir, num), str(Path(sweep_dir) / job_dirname(num, swept_overrides(overrides))))
+
+
+def hand_off(key: str) -> dict[str, Any]:
+    """This process's claim of ``key``, taken out of its environment, for the process that runs the job (a cluster
+    job, started again when it is requeued): given to :func:`adopt` there, it names the same folder every time."""
+    claims = _claims()
+    entry = claims.pop(key)
+    os.environ[DIRS_ENV] = json.dumps(claims)
+    return {key: entry}
+
+
+def adopt(claims: dict[str, Any]) -> None:
+    """Take ``claims`` (from :func:`hand_off`) as this process's own: resolving their folders gives those."""
+    mine = _claims()
+    mine.update({key: {**entry, "pid": os.getpid()} for key, entry in claims.items()})
+    os.environ[DIRS_ENV] = json.dumps(mine)
 
 
 def _unique_dir(base: str, kind: str = "run") -> str:
@@ -158,8 +217,7 @@ def _unique_dir(base: str, kind: str = "run") -> str:
 
 def _job_dir(sweep_dir: str, num: Any, *, _root_: DictConfig) -> str:
     overrides = list(OmegaConf.select(_root_, "hydra.overrides.task", default=[]) or [])
-    name = job_dirname(num, swept_overrides(overrides))
-    return Path(claimed(f"job:{sweep_dir}:{num}", str(Path(sweep_dir) / name))).name
+    return Path(claim_job_dir(sweep_dir, num, overrides)).name
 
 
 def register_resolvers() -> None:

@@ -1,9 +1,9 @@
-"""Optuna search through Hydra's multirun: the search space in Hydra's sweep syntax, the study in SQLite beside
-the jobs (the same command continues it), and the callback with which a trial reports val/loss to the pruner.
+"""The sweeper's side of an Optuna search (hydra_plugins.charlstm_optuna): the search space in Hydra's sweep
+syntax, the study in SQLite beside the jobs (the same command continues it), and what a search leaves at the end:
+the summary rows, the best trial as a command, Optuna's plots.
 
-The sweeper (hydra_plugins.charlstm_optuna) asks the study for trials and launches them as jobs; each job gets
-``optuna.storage``, ``optuna.study`` and ``optuna.trial`` and talks to the study itself, so a job may run in
-another process or on another machine (submitit) as long as it reaches the storage.
+Each job gets ``optuna.storage``, ``optuna.study`` and ``optuna.trial`` and talks to the study itself
+(charlstm.pruning), so a job may run in another process or on another machine (submitit) that reaches the storage.
 """
 
 from __future__ import annotations
@@ -11,14 +11,11 @@ from __future__ import annotations
 import logging
 import math
 import shlex
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
-
 from charlstm.errors import ConfigError
+from charlstm.pruning import PRUNED_AT, make_pruner, quiet_optuna, trial_id
 
 if TYPE_CHECKING:
     import optuna
@@ -26,23 +23,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STUDY_FILE = "study.db"
-# trial user attributes written by the job (pruned) and by the sweeper (the rest)
-PRUNED_AT = "pruned_at_step"
+# trial user attributes written by the sweeper (the job writes charlstm.pruning.PRUNED_AT)
 INTERRUPTED = "interrupted"  # the trial was running when its search stopped: not counted, queued again
 RETRY_OF = "retry_of"
-RUN_FOLDER = "run_folder"
 ERROR = "error"
 # the keys through which a job finds its trial; never part of a run's settings (nor of its folder's name)
 JOB_KEYS = ("optuna.storage", "optuna.study", "optuna.trial")
 SPACE_HELP = "choice(a,b,...), range(start,stop[,step]), interval(low,high) or tag(log,interval(low,high))"
-
-
-def quiet_optuna() -> None:
-    """Optuna's own INFO lines (study created, trial finished) repeat what the search prints itself."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # its matplotlib plots
 
 
 # -- the search space ---------------------------------------------------------------------------------------------
@@ -62,12 +49,14 @@ def distribution(key: str, text: str, value: Any = None) -> optuna.distributions
         choices = list(value.list)
         if all(isinstance(c, str | int | float | bool) or c is None for c in choices):
             return CategoricalDistribution(choices)
-    elif isinstance(value, RangeSweep):
-        values = list(value.range())
-        if values and all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
-            return IntDistribution(values[0], values[-1], step=int(value.step))
-        if values:
-            return FloatDistribution(float(values[0]), float(values[-1]), step=float(value.step))
+    elif isinstance(value, RangeSweep) and value.step and value.start is not None and value.stop is not None:
+        # the number of values, counted without the float error that lets Hydra's own float range reach its stop
+        count = math.ceil((value.stop - value.start) / value.step - 1e-9)
+        if count > 0 and all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
+            return IntDistribution(value.start, value.start + (count - 1) * value.step, step=value.step)
+        if count > 0:
+            high = float(f"{value.start + (count - 1) * value.step:.12g}")
+            return FloatDistribution(float(value.start), high, step=float(value.step))
     elif isinstance(value, IntervalSweep) and value.start is not None and value.end is not None:
         log_scale = "log" in value.tags
         if isinstance(value.start, int) and isinstance(value.end, int):
@@ -125,24 +114,6 @@ def storage_url(storage: str | None, sweep_dir: Path) -> str:
     return f"sqlite:///{(sweep_dir / STUDY_FILE).resolve()}"
 
 
-def make_pruner(settings: dict[str, Any]) -> optuna.pruners.BasePruner:
-    import optuna
-
-    name = settings.get("name", "median")
-    if name in (None, "none"):
-        return optuna.pruners.NopPruner()
-    if name != "median":
-        raise ConfigError(f"hydra.sweeper.pruner={name} is not known; use median or none")
-    return optuna.pruners.MedianPruner(
-        n_startup_trials=int(settings.get("startup_trials", 3)), n_warmup_steps=int(settings.get("warmup_steps", 0))
-    )
-
-
-def trial_id(study: optuna.Study, number: int) -> int:
-    storage = study._storage  # the storage object the study was opened with: its public per-trial calls
-    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
-
-
 def stored(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
     """A trial as the storage has it now (a ``Trial`` object from ``ask`` keeps what it saw then: it misses what
     the job wrote since, e.g. that the pruner stopped it)."""
@@ -162,6 +133,9 @@ def open_study(
     import optuna
 
     quiet_optuna()
+    if direction not in ("minimize", "maximize"):
+        raise ConfigError(f"hydra.sweeper.direction={direction} is not known; use minimize or maximize")
+    the_pruner = make_pruner(pruner)
     storage = optuna.storages.RDBStorage(url)
     try:
         done = storage.get_n_trials(storage.get_study_id_from_name(name))
@@ -169,12 +143,9 @@ def open_study(
         done = 0
     # a continued search draws new points: the sampler's seed moves on with the number of trials so far
     sampler = optuna.samplers.TPESampler(seed=None if seed is None else seed + done, n_startup_trials=startup_trials)
-    if direction not in ("minimize", "maximize"):
-        raise ConfigError(f"hydra.sweeper.direction={direction} is not known; use minimize or maximize")
     study = optuna.create_study(
-        storage=storage, study_name=name, direction=direction, sampler=sampler, pruner=make_pruner(pruner),
-        load_if_exists=True,
-    )  # fmt: skip
+        storage=storage, study_name=name, direction=direction, sampler=sampler, pruner=the_pruner, load_if_exists=True
+    )
     if study.direction.name.lower() != direction:
         raise ConfigError(
             f"study {name} in {url} was made to {study.direction.name.lower()}; keep hydra.sweeper.direction or "
@@ -251,11 +222,6 @@ def summary_rows(study: optuna.Study, sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def pruned_at(callbacks: list[Any]) -> int | None:
-    """The step at which the run's pruning callback stopped it (None: not pruned, or not a trial)."""
-    return next((cb.pruned_at for cb in callbacks if isinstance(cb, OptunaPruning) and cb.pruned_at is not None), None)
-
-
 def best_command(study: optuna.Study, fixed: list[str], script: str = "train.py") -> str | None:
     """``python train.py ...`` with the command line's own settings and the best trial's values."""
     try:
@@ -297,60 +263,3 @@ def write_plots(study: optuna.Study, folder: Path) -> list[str]:
         except (ValueError, RuntimeError, ZeroDivisionError) as err:  # e.g. no variation to tell importances from
             lines.append(f"{name}: left out ({' '.join(str(err).split())[:160]})")
     return lines
-
-
-# -- the job's side -----------------------------------------------------------------------------------------------
-class OptunaPruning(Callback):
-    """Reports ``monitor`` to the study's trial after every validation and stops training, cleanly, when the
-    pruner finds the trial hopeless (the run ends as usual: checkpoints, report, its metric returned).
-
-    Inert without a trial (``python train.py hparams_search=lstm`` without ``-m``). Rank 0 talks to the study
-    and every rank follows its decision.
-    """
-
-    def __init__(
-        self, storage: str | None = None, study: str | None = None, trial: int | None = None, monitor: str = "val/loss"
-    ) -> None:
-        self.storage, self.study_name, self.number, self.monitor = storage, study, trial, monitor
-        self.pruned_at: int | None = None
-        self._trial: optuna.Trial | None = None
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.number is None or not trainer.is_global_zero:
-            return
-        import optuna
-
-        if not (self.storage and self.study_name):
-            raise ConfigError("optuna.trial is set without optuna.storage and optuna.study; run the search with -m")
-        quiet_optuna()
-        try:
-            study = optuna.load_study(study_name=self.study_name, storage=self.storage)
-        except KeyError:
-            raise ConfigError(
-                f"optuna.study={self.study_name} is not in {self.storage}; run searches with -m"
-            ) from None
-        study.pruner = make_pruner(study.user_attrs.get("pruner", {}))
-        try:
-            self._trial = optuna.Trial(study, trial_id(study, int(self.number)))
-        except KeyError:
-            raise ConfigError(f"optuna.trial={self.number} is not a trial of study {self.study_name}") from None
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit" or self.number is None or self.pruned_at is not None:
-            return
-        prune = False
-        value = trainer.callback_metrics.get(self.monitor)
-        if self._trial is not None and value is not None and math.isfinite(float(value)):
-            self._trial.report(float(value), step=trainer.global_step)
-            prune = self._trial.should_prune()
-        prune = bool(trainer.strategy.broadcast(prune, src=0))
-        if not prune:
-            return
-        self.pruned_at = trainer.global_step
-        trainer.should_stop = True
-        if self._trial is not None:
-            self._trial.set_user_attr(PRUNED_AT, trainer.global_step)
-            log.info(
-                "trial %s pruned at step %d: %s %.4f is worse than the median of earlier trials there; stopping",
-                self.number, trainer.global_step, self.monitor, float(value),
-            )  # fmt: skip

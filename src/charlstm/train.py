@@ -35,6 +35,7 @@ from charlstm.errors import (
     process_rank,
 )
 from charlstm.hardware import resolve_precision
+from charlstm.jobranks import sweep_job_ranks
 from charlstm.logs import quiet_known_warnings, route_library_logs
 from charlstm.progress import FinalValidation, ValidationLog
 from charlstm.reliability import AtomicCheckpointIO, LastCheckpoint, ensure_last_checkpoint
@@ -290,6 +291,20 @@ def fit_val_interval(cfg: DictConfig, datamodule: Any) -> None:
             cfg.trainer.val_check_interval = n
 
 
+def fit_log_interval(cfg: DictConfig, datamodule: Any) -> None:
+    """A logging interval longer than the epoch becomes the epoch (a short text, a big batch, a debug preset), so
+    every epoch logs its training loss (Lightning would otherwise warn that it logs none)."""
+    interval = cfg.trainer.get("log_every_n_steps")
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+        return
+    n = batches_per_epoch(cfg, datamodule)
+    if n is not None and interval > n:
+        log.info("trainer.log_every_n_steps=%d is longer than the %d training batches of an epoch: logging every "
+                 "%d", interval, n, n, extra={"file_only": True})  # fmt: skip
+        with open_dict(cfg):
+            cfg.trainer.log_every_n_steps = n
+
+
 def failed_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpoint, out: Path) -> TrainingFailed:
     """The one line for an unexpected exception during training; the traceback goes to train.log."""
     log.error("training failed at step %d", trainer.global_step, exc_info=exc, extra={"file_only": True})
@@ -322,9 +337,15 @@ def describe(cfg: DictConfig, out: Path) -> str:
     )
 
 
-def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
+def progress_bar_shown(cfg: DictConfig) -> bool:
+    """The live bar only where someone watches it: ``trainer.enable_progress_bar`` and a terminal on stdout. Piped
+    into a file or a scheduler's log, a run prints one line per validation instead of the bar's redraws."""
+    return bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stdout.isatty()
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any], **overrides: Any) -> pl.Trainer:
     plugins = [AtomicCheckpointIO(), *cluster.lightning_plugins(cfg.trainer)]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **overrides)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -367,9 +388,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
         check_prompt(Generator.from_module(model), cfg.sample.prompt, "sample.prompt")
     fit_val_interval(cfg, datamodule)
+    fit_log_interval(cfg, datamodule)
     out = Path(cfg.paths.output_dir)
     callbacks = instantiate_named(cfg.get("callbacks"))
-    if not cfg.trainer.get("enable_progress_bar", True):
+    show_bar = progress_bar_shown(cfg)
+    if not show_bar:
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     callbacks += [FinalValidation(), ValidationLog()]
     for cb in callbacks:
@@ -386,29 +409,30 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     with open_dict(cfg):  # `auto`: bf16-mixed where the CPU has native bf16, else 32-true (one log line)
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
-    trainer = build_trainer(cfg, callbacks, loggers)
+    trainer = build_trainer(cfg, callbacks, loggers, enable_progress_bar=show_bar)
 
     if trainer.is_global_zero:
         log.info(describe(cfg, out))
         save_run_config(cfg, out, ckpt_path, step)
     del ckpt
-    try:
-        with warnings.catch_warnings():
-            # A resumed run writes into its own checkpoint folder on purpose.
-            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-            trainer.fit(
-                model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
-            )
-    except (KeyboardInterrupt, SystemExit) as exc:
-        raise interrupted_error(exc, trainer, last) from None
-    except CharLSTMError:
-        raise
-    except Exception as exc:  # a bug or a library failure: say where the last good state is
-        raise failed_error(exc, trainer, last, out) from exc
+    with sweep_job_ranks(trainer):  # DDP in a multirun job: its other ranks run this job, then end
+        try:
+            with warnings.catch_warnings():
+                # A resumed run writes into its own checkpoint folder on purpose.
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+                trainer.fit(
+                    model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
+                )
+        except (KeyboardInterrupt, SystemExit) as exc:
+            raise interrupted_error(exc, trainer, last) from None
+        except CharLSTMError:
+            raise
+        except Exception as exc:  # a bug or a library failure: say where the last good state is
+            raise failed_error(exc, trainer, last, out) from exc
 
-    if "val/bpc" not in trainer.callback_metrics and trainer.enable_validation and trainer.global_step > 0:
-        # no validation fell inside the run (e.g. check_val_every_n_epoch beyond max_epochs): score it once now
-        trainer.validate(model, datamodule=datamodule, verbose=False)
+        if "val/bpc" not in trainer.callback_metrics and trainer.enable_validation and trainer.global_step > 0:
+            # no validation fell inside the run (e.g. check_val_every_n_epoch beyond max_epochs): score it once now
+            trainer.validate(model, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     if getattr(datamodule, "test_ids", None) is not None and trainer.global_step > 0:
         metrics.update(score_test(trainer, model, datamodule))
@@ -473,7 +497,9 @@ def report(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]) 
 def remove_if_empty(folder: Path, root: Path) -> None:
     """A run refused before it started leaves no folder behind (only Hydra's copy of the config and the log),
     nor the date folders above it that it alone made."""
-    if not (folder.is_dir() and all(p.name in (".hydra", "train.log") for p in folder.iterdir())):
+    from charlstm.rundir import is_unused
+
+    if not is_unused(folder):
         return
     shutil.rmtree(folder, ignore_errors=True)
     root, parent = root.resolve(), folder.resolve().parent
@@ -604,7 +630,7 @@ def run(cfg: DictConfig) -> float | None:
     if objects["trainer"].is_global_zero:
         report(cfg, metrics, objects)
         if folder is not None:
-            from charlstm.search import pruned_at
+            from charlstm.pruning import pruned_at
             from charlstm.summary import COMPLETE, PRUNED, write_result
 
             # a trial the Optuna pruner stopped ends like any run, recorded as pruned

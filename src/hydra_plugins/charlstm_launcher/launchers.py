@@ -17,6 +17,7 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
+from charlstm import rundir
 from charlstm.cluster import REQUEUE_ENV, quiet_schema_note
 from charlstm.errors import ConfigError, JobFailed
 
@@ -53,11 +54,15 @@ class _Requeueable:
             )
         super().setup(**kwargs)  # type: ignore[misc]
 
-    def __call__(self, sweep_overrides: list[str], *args: Any, **kwargs: Any) -> JobReturn:
-        """One task of the job (one per device): its Hydra job, told whether it was requeued and which rank it is."""
+    def __call__(
+        self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str, state: Any, claim: dict[str, Any]
+    ) -> JobReturn:
+        """One task of the job (one per device): its Hydra job in the folder claimed for it when it was submitted,
+        told whether it was requeued and which rank it is."""
         import submitit
 
         quiet_schema_note()  # the job composes its config again
+        rundir.adopt(claim)
         if self.requeues:
             os.environ[REQUEUE_ENV] = str(self.requeues)
         task = submitit.JobEnvironment()
@@ -71,7 +76,7 @@ class _Requeueable:
                 # rank 0 writes the run folder's .hydra/ and train.log; the others log beside it
                 name = f"{self.config.hydra.job.name}_rank{task.global_rank}"
                 sweep_overrides = [*sweep_overrides, "hydra.output_subdir=null", f"hydra.job.name={name}"]
-        return super().__call__(sweep_overrides, *args, **kwargs)  # type: ignore[misc]
+        return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, state)  # type: ignore[misc]
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """What submitit runs when it requeues this job: the same job, marked as requeued once more."""
@@ -105,7 +110,14 @@ class _Requeueable:
         for num, overrides in numbered:
             submitit_launcher.log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
         state = Singleton.get_state()
-        args = [(overrides, "hydra.sweep.dir", num, f"job_id_for_{num}", state) for num, overrides in numbered]
+        # Each job's folder is claimed here, once, and travels with the job: every task of it and every start of it
+        # after a requeue runs in that folder (a job claiming its own would take a new `-N` folder each start).
+        claims, named = [], str(self.config.hydra.sweep.dir)  # as the job reads it, unnormalized
+        for num, overrides in numbered:
+            rundir.claim_job_dir(named, num, overrides)
+            claims.append(rundir.hand_off(rundir.job_key(named, num)))
+        args = [(overrides, "hydra.sweep.dir", num, f"job_id_for_{num}", state, claim)
+                for (num, overrides), claim in zip(numbered, claims, strict=True)]  # fmt: skip
         jobs = executor.map_array(self, *zip(*args, strict=True))
 
         results, failed = [], []

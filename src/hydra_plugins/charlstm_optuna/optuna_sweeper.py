@@ -91,8 +91,12 @@ class CharLSTMOptunaSweeper(Sweeper):
             while (done := search.counted(study)) < n_trials:
                 trials = [study.ask(space) for _ in range(max(1, min(int(s["n_jobs"]), n_trials - done)))]
                 returns += self._run(study, trials, fixed, url, metric)
-        except BaseException:
+        except BaseException as err:
             self._report(study, fixed, sweep_dir, metric, final=False)  # the trials so far
+            if isinstance(err, KeyboardInterrupt):  # between two trials
+                from charlstm.errors import TrainingInterrupted
+
+                raise TrainingInterrupted("search stopped; the same command continues the study") from None
             raise
         self._report(study, fixed, sweep_dir, metric)
         return returns
@@ -151,8 +155,9 @@ class CharLSTMOptunaSweeper(Sweeper):
         from optuna.trial import TrialState
 
         from charlstm import search
+        from charlstm.pruning import PRUNED_AT
 
-        pruned_at = search.stored(study, trial.number).user_attrs.get(search.PRUNED_AT)  # written by the job
+        pruned_at = search.stored(study, trial.number).user_attrs.get(PRUNED_AT)  # written by the job
         if error is None and pruned_at is not None:
             study.tell(trial, state=TrialState.PRUNED)
             log.info("trial %d: pruned at step %d", trial.number, pruned_at)
