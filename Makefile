@@ -54,6 +54,8 @@ search: install ## an Optuna search (hparams_search=lstm) in outputs/search/lstm
 
 bench: install ## the README's performance and quality tables (see benchmarks/)
 	$(PY) benchmarks/train_bench.py $(ARGS)
+	$(PY) benchmarks/bf16_bench.py
+	$(PY) benchmarks/startup_bench.py
 	$(PY) benchmarks/generate_speed.py
 
 clean: ## remove runs, cached corpora and caches (keeps .venv)

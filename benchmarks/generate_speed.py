@@ -12,28 +12,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import torch
 
+from charlstm.hardware import cpu_capability
 from charlstm.net import CharLSTM
 from charlstm.sampling import Generator
 from charlstm.vocab import CharVocab
 
 BUDGET_S = 8.0
 VOCAB = [*"\n !',-.:;?abcdefghijklmnopqrstuvwxyz", "&", "]"]  # 38 chars
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def speed(gen: Generator, prompt: str, length: int, batch: int, mode: str, repeats: int) -> tuple[float, float]:
@@ -104,8 +93,7 @@ def main() -> None:
                 profile(gen, prompt, b, length)
 
     print(f"\nmodel: {args.layers} x {args.units} units, vocab {len(vocab)}, seq_len {args.seq_len}, temperature 0.8")
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"load average {load_before[0]:.1f} before / {os.getloadavg()[0]:.1f} after\n")  # fmt: skip
+    print(f"{cpu_capability().line()}; load average {load_before[0]:.1f} before / {os.getloadavg()[0]:.1f} after\n")
     print("| encoding | mode | samples | threads | chars/s | vs window | CPU cores busy | chars per CPU-second |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for encoding, mode, batch, n, rate, cores in rows:
