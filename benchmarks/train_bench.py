@@ -214,6 +214,8 @@ class _Curve(pl.Callback):
         self.train_time += time.perf_counter() - self._t
 
     def on_validation_end(self, trainer, module):
+        if self.points and self.points[-1][1] == trainer.global_step:
+            return  # the end-of-run validation repeats the one at the same step
         if not trainer.sanity_checking and "val/bpc" in trainer.callback_metrics:
             self.points.append((self.train_time, trainer.global_step, float(trainer.callback_metrics["val/bpc"])))
 
