@@ -183,7 +183,8 @@ def _remove_stale(root: Path, group: str) -> None:
 
 
 class _Progress:
-    """A rich progress bar over the bytes of both passes, shown only when preparing takes more than a second."""
+    """A rich progress bar over the file's bytes, once per pass (``done`` counts both: 0 .. 2 x size), shown only
+    when preparing takes more than a second and the console is a terminal."""
 
     def __init__(self, total: int, what: str) -> None:
         self.total, self.what, self.start = total, what, time.monotonic()
@@ -204,8 +205,10 @@ class _Progress:
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                 TimeRemainingColumn(), console=console, transient=True)  # fmt: skip
             self.bar.start()
-            self.task = self.bar.add_task(f"preparing {self.what}", total=self.total)
-        self.bar.update(self.task, completed=done)
+            self.task = self.bar.add_task("", total=self.total // 2)
+        second = done > self.total // 2
+        self.bar.update(self.task, completed=done - second * (self.total // 2),
+                        description=f"preparing {self.what}: {'ids' if second else 'vocabulary'}")  # fmt: skip
 
     def close(self) -> None:
         if self.bar is not None:
@@ -320,7 +323,7 @@ def prepare(
         _remove_stale(root, group)
         started = time.monotonic()
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{group}-", suffix=".tmp"))
-        bar = _Progress(2 * path.stat().st_size, where)
+        bar = _Progress(2 * path.stat().st_size, path.name)
         try:
             built = _build(path, tmp, where, errors, lowercase, chunk_bytes, bar.update, after_chunk)
             if _sha(f"{group}\0{source_fingerprint(path, key)}")[:16] != fingerprint:
