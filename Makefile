@@ -56,7 +56,8 @@ bench: install ## the README's performance and quality tables (see benchmarks/)
 	$(PY) benchmarks/train_bench.py $(ARGS)
 	$(PY) benchmarks/bf16_bench.py
 	$(PY) benchmarks/startup_bench.py
+	$(PY) benchmarks/memory_bench.py
 	$(PY) benchmarks/generate_speed.py
 
 clean: ## remove runs, cached corpora and caches (keeps .venv)
-	rm -rf outputs/2* outputs/multirun outputs/search data/*.txt data/downloads .pytest_cache .ruff_cache
+	rm -rf outputs/2* outputs/multirun outputs/search data/*.txt data/downloads data/prepared .pytest_cache .ruff_cache

@@ -1,5 +1,6 @@
 """Training benchmarks behind the README's tables: Lightning overhead, achieved GFLOP/s, bits/char against
-training time for the tutorial and the default recipe (table + PNG), and peak memory against corpus size.
+training time for the tutorial and the default recipe (table + PNG). Peak memory against corpus size:
+benchmarks/memory_bench.py.
 
     python benchmarks/train_bench.py                       # everything (see README for the time it takes)
     python benchmarks/train_bench.py --only overhead,flops --steps 30
@@ -12,7 +13,6 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -256,58 +256,6 @@ def full_val_bpc(cfg: DictConfig, ckpt: str, datamodule) -> float:
     return trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/bpc"]
 
 
-# -------------------------------------------------------------------------------------------- 4. memory
-MEMORY_CHILD = r"""
-import sys, numpy as np, torch
-from pathlib import Path
-sys.argv = sys.argv[:1]
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
-from charlstm.train import train
-root, corpus, layout, out = Path(ARGS[0]), ARGS[1], ARGS[2], ARGS[3]
-with initialize_config_dir(version_base="1.3", config_dir=str(root / "configs")):
-    cfg = compose("train", overrides=["experiment=seed", "data=file", f"data.path={corpus}", f"data.layout={layout}",
-        "model.units=32", "trainer.max_epochs=1", "trainer.limit_train_batches=20", "trainer.limit_val_batches=2",
-        "logger=none", "callbacks=none", "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false", "sample.length=0"])
-with open_dict(cfg):
-    cfg.paths.output_dir = out
-train(cfg)
-hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-print("PEAK_KB", hwm)
-"""
-
-
-def synthetic_corpus(path: Path, size: int) -> None:
-    """Random 'words' over a 60-char alphabet, written in chunks: a corpus of ``size`` bytes."""
-    rng = torch.Generator().manual_seed(0)
-    alphabet = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\n"), dtype=torch.uint8)
-    with open(path, "wb") as fh:
-        left = size
-        while left:
-            n = min(left, 1 << 24)
-            fh.write(alphabet[torch.randint(len(alphabet), (n,), generator=rng)].numpy().tobytes())
-            left -= n
-
-
-def bench_memory(sizes_mb: list[int], tmp: Path) -> list[dict]:
-    rows = []
-    for mb in sizes_mb:
-        corpus = tmp / f"synthetic-{mb}mb.txt"
-        synthetic_corpus(corpus, mb * 1_000_000)
-        for layout in ("windows", "streams"):
-            code = MEMORY_CHILD.replace("ARGS", repr([str(ROOT), str(corpus), layout, str(tmp / f"mem-{mb}-{layout}")]))
-            t = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEAK_KB")]
-            if proc.returncode != 0 or not line:
-                raise RuntimeError(f"memory run failed for {mb} MB ({layout}):\n{proc.stderr[-2000:]}")
-            rows.append({"corpus_mb": mb, "layout": layout, "peak_rss_mb": int(line[0].split()[1]) / 1024,
-                         "seconds": time.perf_counter() - t})  # fmt: skip
-        corpus.unlink()
-    return rows
-
-
 # ---------------------------------------------------------------------------------------------- report
 def plot(curves: dict, path: Path) -> bool:
     try:
@@ -386,22 +334,10 @@ def markdown(results: dict) -> str:
             pts = ", ".join(f"{p[0]:.0f}: {p[2]:.3f}" for p in c["points"])
             out.append(f"| {name} | {c['budget_s']:.0f} | {pts} | **{c['full_val_bpc_best_ckpt']:.3f} bpc** |")
         out.append("")
-    if "memory" in results:
-        out += [
-            "### Peak resident memory against corpus size",
-            "",
-            results["machine"],
-            "",
-            "| corpus | layout | peak RSS (MB) |",
-            "|---|---|---|",
-        ]
-        for r in results["memory"]:
-            out.append(f"| {r['corpus_mb']} MB | {r['layout']} | {r['peak_rss_mb']:.0f} |")
-        out.append("")
     return "\n".join(out)
 
 
-SECTIONS = ("overhead", "flops", "curves", "memory")
+SECTIONS = ("overhead", "flops", "curves")
 
 
 def main() -> None:
@@ -414,7 +350,6 @@ def main() -> None:
     ap.add_argument("--budget-default", type=float, default=600)
     ap.add_argument("--curves", default="tutorial,default", help="which recipes the curves section runs")
     ap.add_argument("--val-windows", type=int, default=2000, help="validation subsample during the curve runs")
-    ap.add_argument("--memory-mb", default="1,10,100")
     ap.add_argument("--shared", action="store_true", help="say in the tables that other jobs shared the machine")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -441,8 +376,6 @@ def main() -> None:
                 }
             results["curves"] = curves
             plot(curves, args.out / "bpc_vs_time.png")
-        if "memory" in only:
-            results["memory"] = bench_memory([int(x) for x in args.memory_mb.split(",")], tmp)
     results["seconds"] = time.perf_counter() - t0
     text = markdown(results) + f"\nTotal benchmark time: {results['seconds'] / 60:.1f} min (`{results['command']}`)\n"
     print(text)

@@ -195,13 +195,8 @@ def load_text(
     data_dir: str | os.PathLike[str] = "data",
     errors: str = "strict",
 ) -> str:
-    """The corpus as one ``str`` from the configured source."""
+    """The corpus as one ``str`` from the configured source (the file :func:`corpus_file` finds, read whole)."""
     if source == "play":
         return play_text(play, data_dir)
-    if source == "file":
-        if not path:
-            raise CorpusError("data=file needs a path: add data.path=PATH/TO/TEXT.txt (or an http(s) URL)")
-        if re.match(r"^https?://", str(path)):
-            return read_text_file(fetch_url(str(path), data_dir, sha256), errors)
-        return read_text_file(path, errors)
-    raise CorpusError(f"data.source={source!r} is not allowed; use 'play' or 'file'")
+    file, _, _ = corpus_file(source, play, path, sha256, data_dir)
+    return read_text_file(file, errors)
