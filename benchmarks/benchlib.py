@@ -58,15 +58,6 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, Samples]:
-    """Each function once per round, in turn (A, B, A, B ...), so a change in the machine's load hits all alike."""
-    out = {name: Samples() for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            out[name].add(*timed(fn))
-    return out
-
-
 def quiet() -> None:
     """Benchmark output without the libraries' per-run chatter (device inventory, tips, known warnings)."""
     import logging

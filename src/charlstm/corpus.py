@@ -62,10 +62,15 @@ def markdown_to_text(md: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def decode_text(data: bytes, where: str, errors: str = "strict") -> str:
-    """UTF-8 text from bytes; an undecodable byte is an error naming its offset unless ``errors='replace'``."""
+def check_errors(errors: str) -> None:
+    """``data.errors`` is 'strict' or 'replace'."""
     if errors not in ("strict", "replace"):
         raise CorpusError(f"data.errors={errors!r} is not allowed; use 'strict' or 'replace'")
+
+
+def decode_text(data: bytes, where: str, errors: str = "strict") -> str:
+    """UTF-8 text from bytes; an undecodable byte is an error naming its offset unless ``errors='replace'``."""
+    check_errors(errors)
     try:
         text = data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as err:
@@ -139,10 +144,8 @@ def fetch_url(url: str, data_dir: str | os.PathLike[str], sha256: str | None = N
     if urllib.parse.urlparse(url).scheme not in ("http", "https"):
         raise CorpusError(f"data.path={url!r} is not an http(s) URL")
     dest = url_cache_path(url, data_dir)
-    if dest.is_file():
-        data = dest.read_bytes()
-        if sha256 is None or sha256_hex(data) == sha256.lower():
-            return dest
+    if dest.is_file() and (sha256 is None or sha256_hex(dest.read_bytes()) == sha256.lower()):
+        return dest
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             data = resp.read()
@@ -198,5 +201,5 @@ def load_text(
     """The corpus as one ``str`` from the configured source (the file :func:`corpus_file` finds, read whole)."""
     if source == "play":
         return play_text(play, data_dir)
-    file, _, _ = corpus_file(source, play, path, sha256, data_dir)
-    return read_text_file(file, errors)
+    file, where, _ = corpus_file(source, play, path, sha256, data_dir)  # checked: exists, a file, not empty
+    return decode_text(file.read_bytes(), where, errors)

@@ -38,7 +38,7 @@ class WindowDataset(Dataset):
         if targets not in TARGETS:
             raise ConfigError(f"data.targets={targets!r} is not allowed; use 'last' or 'all'")
         self.ids, self.seq_len, self.stride, self.targets = ids, seq_len, stride, targets
-        self._offsets = torch.arange(seq_len)
+        self._offsets = torch.arange(seq_len + 1)  # a window and its next char
 
     def __len__(self) -> int:
         return max(0, (len(self.ids) - self.seq_len - 1) // self.stride + 1)
@@ -46,10 +46,10 @@ class WindowDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> Batch:
         starts = torch.as_tensor(indices, dtype=torch.long) * self.stride
         if self.targets == "last":
-            x = self.ids[starts[:, None] + self._offsets]
+            x = self.ids[starts[:, None] + self._offsets[:-1]]
             y = self.ids[starts + self.seq_len]
         else:
-            both = self.ids[starts[:, None] + torch.arange(self.seq_len + 1)]
+            both = self.ids[starts[:, None] + self._offsets]
             x, y = both[:, :-1], both[:, 1:]
         return x.long(), y.long()
 

@@ -38,7 +38,7 @@ def starts_ranks(trainer: Any) -> bool:
     return not launcher.cluster_environment.creates_processes_externally
 
 
-def _multirun_job() -> Any | None:
+def multirun_job() -> Any | None:
     """Hydra's config of this job when it is a job of a multirun, else None."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -53,7 +53,7 @@ def _multirun_job() -> Any | None:
 def sweep_job_ranks(trainer: Any) -> Iterator[None]:
     """Around a multirun job's fit (and validation): the ranks the trainer starts run this job in its folder, and
     are gone when it ends. Elsewhere (a single run, ranks started by a scheduler, one process) it does nothing."""
-    hydra_cfg = _multirun_job()
+    hydra_cfg = multirun_job()
     if hydra_cfg is None or not starts_ranks(trainer):
         yield
         return

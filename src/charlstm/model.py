@@ -112,11 +112,14 @@ class CharLSTMModule(pl.LightningModule):
         self._val_sum += self.loss_sum(logits, y).double()
         self._val_count += y.numel()
 
-    def on_validation_epoch_end(self) -> None:
-        # every rank's share summed: each rank logs the whole validation's numbers (no sync_dist needed)
+    def _mean_loss(self) -> torch.Tensor:
+        """Nats per char over every rank's share summed: each rank logs the whole text's numbers (no sync_dist)."""
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
         count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
-        loss = (total / count.clamp(min=1)).float()
+        return (total / count.clamp(min=1)).float()
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self._mean_loss()
         if self.trainer.sanity_checking:
             return
         if loss < self.best_val_loss:
@@ -140,9 +143,7 @@ class CharLSTMModule(pl.LightningModule):
         self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
-        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
-        count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
-        loss = (total / count.clamp(min=1)).float()
+        loss = self._mean_loss()
         self.log_dict({"test/loss": loss, "test/bpc": loss / LN2, "test/ppl": torch.exp(loss)})
 
     # -- optimisation -----------------------------------------------------------------------------

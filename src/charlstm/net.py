@@ -106,12 +106,9 @@ class CharLSTM(nn.Module):
         ``nn.LSTM`` does inside with its slower Bernoulli dropout): the same weights, the same result in law."""
         lstm = self.lstm
         hs, cs = [], []
+        zeros = x.new_zeros(1, x.shape[0], lstm.hidden_size) if state is None else None  # one, for every layer
         for i, weights in enumerate(lstm.all_weights):
-            if state is None:
-                zeros = x.new_zeros(1, x.shape[0], lstm.hidden_size)
-                hx = (zeros, zeros)
-            else:
-                hx = (state[0][i : i + 1], state[1][i : i + 1])
+            hx = (zeros, zeros) if state is None else (state[0][i : i + 1], state[1][i : i + 1])
             if i > 0:
                 x = dropout(x, lstm.dropout, True)
             x, h, c = torch.lstm(x, hx, weights, lstm.bias, 1, 0.0, True, False, lstm.batch_first)

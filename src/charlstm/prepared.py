@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from charlstm.corpus import check_errors
 from charlstm.errors import CorpusError, VocabError
 from charlstm.fileio import file_mode, fsync_dir
 from charlstm.vocab import CharVocab, codepoints
@@ -63,8 +64,7 @@ def iter_text(
     boundary is joined), a leading BOM dropped, CRLF turned into LF (a pair split by a boundary too), optionally
     lowercased. An undecodable byte is an error naming its offset in the file unless ``errors='replace'``.
     """
-    if errors not in ("strict", "replace"):
-        raise CorpusError(f"data.errors={errors!r} is not allowed; use 'strict' or 'replace'")
+    check_errors(errors)
     decoder = codecs.getincrementaldecoder("utf-8")(errors)
     pos, held, started = 0, "", False
     with open(path, "rb") as fh:
@@ -289,6 +289,11 @@ def _write_json(path: Path, value: Any) -> None:
         os.fsync(fh.fileno())
 
 
+def _fingerprint(group: str, path: Path, key: str) -> str:
+    """What a cache of ``path`` is trusted for: the settings group and the file as it is now."""
+    return _sha(f"{group}\0{source_fingerprint(path, key)}")[:16]
+
+
 def prepare(
     path: str | os.PathLike[str],
     data_dir: str | os.PathLike[str],
@@ -307,10 +312,9 @@ def prepare(
     """
     path = Path(path)
     where = where or f"corpus file {path}"
-    if errors not in ("strict", "replace"):
-        raise CorpusError(f"data.errors={errors!r} is not allowed; use 'strict' or 'replace'")
+    check_errors(errors)
     root, group = cache_names(path, data_dir, lowercase, errors)
-    fingerprint = _sha(f"{group}\0{source_fingerprint(path, key)}")[:16]
+    fingerprint = _fingerprint(group, path, key)
     folder = root / f"{group}-{fingerprint[:12]}"
     found = open_prepared(folder, fingerprint)
     if found is not None:
@@ -326,7 +330,7 @@ def prepare(
         bar = _Progress(2 * path.stat().st_size, path.name)
         try:
             built = _build(path, tmp, where, errors, lowercase, chunk_bytes, bar.update, after_chunk)
-            if _sha(f"{group}\0{source_fingerprint(path, key)}")[:16] != fingerprint:
+            if _fingerprint(group, path, key) != fingerprint:  # the file changed while it was read
                 raise _changed(where)
             vocab = built.pop("vocab")
             _write_json(tmp / "vocab.json", vocab)

@@ -25,6 +25,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from charlstm.errors import process_rank
+
 # {key: {"base": the name asked for, "dir": the folder claimed, "pid": the process that claimed it}}
 DIRS_ENV = "CHARLSTM_RUN_DIRS"
 # JSON list of the keys a multirun's command line fixes (not swept): left out of job folder names
@@ -139,14 +141,6 @@ def job_dirname(num: int | str, overrides: Sequence[str]) -> str:
 
 
 # -- the claims of this command ---------------------------------------------------------------------------------
-def _rank() -> int:
-    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return 0
-
-
 def _claims() -> dict[str, dict[str, Any]]:
     try:
         claims = json.loads(os.environ.get(DIRS_ENV, ""))
@@ -165,9 +159,10 @@ def claimed(key: str, base: str) -> str:
     """
     claims = _claims()
     entry = claims.get(key)
-    if entry is not None and (entry.get("pid") == os.getpid() or entry.get("base") == base or _rank() > 0):
+    rank = process_rank()
+    if entry is not None and (entry.get("pid") == os.getpid() or entry.get("base") == base or rank > 0):
         return str(entry["dir"])
-    if _rank() > 0:
+    if rank > 0:
         Path(base).mkdir(parents=True, exist_ok=True)
         return base
     folder = str(claim_dir(base))

@@ -22,6 +22,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from charlstm.fileio import atomic_write_text
 from charlstm.rundir import fixed_keys, swept_overrides
 
 RESULT = "result.json"
@@ -57,11 +58,10 @@ def write_result(folder: str | os.PathLike[str], result: dict[str, Any]) -> Path
     overrides), ``params`` ({swept key: value}), ``metrics`` ({"val/bpc_best": ..., ...}), ``steps``,
     ``train_seconds``, ``run_dir`` (where checkpoints went), ``history`` ([[step, val/bpc], ...]), ``error``.
     """
-    from charlstm.reliability import atomic_write
 
     path = Path(folder) / RESULT
     text = json.dumps(_finite(result), indent=1, ensure_ascii=False, default=str) + "\n"
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+    atomic_write_text(path, text)
     return path
 
 
@@ -215,7 +215,6 @@ def write_summary(
     scalar keys become extra columns. ``failures``: the row states that make the command exit non-zero once the
     multirun ends (a search, whose failed trials are results, passes none).
     """
-    from charlstm.reliability import atomic_write
 
     sweep_dir = Path(sweep_dir)
     ranked = rank_rows(rows, metric, direction)
@@ -225,11 +224,11 @@ def write_summary(
     writer.writerow(["rank", *cols])
     for i, row in enumerate(ranked, 1):
         writer.writerow([i, *("" if value_of(row, c) is None else value_of(row, c) for c in cols)])
-    atomic_write(sweep_dir / "summary.csv", lambda fh: fh.write(buf.getvalue().encode("utf-8")))
+    atomic_write_text(sweep_dir / "summary.csv", buf.getvalue())
     done = sum(r.get("state", COMPLETE) == COMPLETE for r in ranked)
     heading = f"# Sweep summary: {sweep_dir.name}\n\n{done} of {len(ranked)} jobs complete, best {metric} first.\n\n"
     md = heading + markdown_table(ranked, metric) + "\n"
-    atomic_write(sweep_dir / "summary.md", lambda fh: fh.write(md.encode("utf-8")))
+    atomic_write_text(sweep_dir / "summary.md", md)
     if plot:
         from charlstm.summary_plot import plot_summary
 

@@ -524,13 +524,10 @@ def hydra_run_dir() -> Path | None:
 
 def sweep_job() -> tuple[int, list[str], Path] | None:
     """(job number, its overrides, the sweep folder) when this run is a job of a multirun, else None."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+    from charlstm.jobranks import multirun_job
 
-    if not HydraConfig.initialized():
-        return None
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
+    hydra_cfg = multirun_job()
+    if hydra_cfg is None:
         return None
     return int(hydra_cfg.job.num), list(hydra_cfg.overrides.task), Path(str(hydra_cfg.sweep.dir))
 
