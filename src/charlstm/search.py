@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from charlstm.errors import ConfigError
 from charlstm.pruning import PRUNED_AT, make_pruner, quiet_optuna, trial_id
+from charlstm.rundir import override_key
 
 if TYPE_CHECKING:
     import optuna
@@ -228,7 +229,7 @@ def best_command(study: optuna.Study, fixed: list[str], script: str = "train.py"
         best = study.best_trial
     except ValueError:  # no complete trial
         return None
-    args = [a for a in fixed if a.split("=", 1)[0].lstrip("+~") != "hparams_search"]
+    args = [a for a in fixed if override_key(a) != "hparams_search"]
     args += [override(k, v) for k, v in best.params.items()]
     return " ".join(["python", script, *(shlex.quote(a) for a in args)])
 

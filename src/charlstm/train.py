@@ -39,6 +39,7 @@ from charlstm.jobranks import sweep_job_ranks
 from charlstm.logs import quiet_known_warnings, route_library_logs
 from charlstm.progress import FinalValidation, ValidationLog
 from charlstm.reliability import AtomicCheckpointIO, LastCheckpoint, ensure_last_checkpoint
+from charlstm.rundir import override_key
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Dict
     """
     saved = OmegaConf.load(run_dir / "config.yaml")
     for override in overrides:
-        key = override.lstrip("+~").split("=", 1)[0]
+        key = override_key(override)
         if key == "trainer":
             for name in TRAINER_HARDWARE:
                 if name in cfg.trainer:
