@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests import forkserver
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Tiny but real: every command keeps its recipe and shape, only smaller and shorter.
@@ -14,14 +16,19 @@ SHRINK = ["data.max_chars=4000", "model.units=8", "model.embed_dim=8", "data.val
           "sample.length=30", "callbacks.text_sample.length=20"]  # fmt: skip
 
 
-def run_cli(script: str, *args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """``python SCRIPT ARGS`` from ``cwd``, with the test environment (one thread)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def run_cli(
+    script: str, *args: str, cwd: Path, timeout: float = 240, fresh: bool = False
+) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` from ``cwd``, with the test environment (one thread): a new process forked from a
+    server that has the libraries imported (tests/forkserver.py), or a cold ``python`` with ``fresh=True``."""
+    return forkserver.run([sys.executable, str(ROOT / script), *args], cwd, cli_env(), timeout, fresh)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment commands run with: one thread, unbuffered output, no Hydra full tracebacks."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=timeout, encoding="utf-8",
-    )  # fmt: skip
+    return env
 
 
 def one_line_error(done: subprocess.CompletedProcess, prefix: str = "error: ") -> str:

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +21,7 @@ from charlstm import checkpoint
 from charlstm.cluster import REQUEUE_ENV, check_allocation, hand_over, requeued_checkpoint
 from charlstm.errors import ConfigError, JobFailed, TrainingInterrupted, process_rank
 from charlstm.train import train
+from tests import forkserver
 from tests.cli import ROOT, ok, one_line_error, run_cli, run_folders
 from tests.conftest import TINY
 from tests.test_interrupt import SendSignal, add_callback
@@ -42,8 +42,7 @@ def test_a_slurm_sweep_sends_one_ddp_job_per_point_sized_to_the_trainer(tmp_path
     args = ["-m", "hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.num_nodes=2", "model.units=128,256",
             "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
     env = {**os.environ, "DRY_SUBMIT_OUT": str(out)}
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "dry_submit.py"), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = forkserver.run([sys.executable, str(ROOT / "tests" / "dry_submit.py"), *args], tmp_path, env, 120)
     ok(done)
     sent = json.loads(out.read_text())
     assert sent["executor"] == "SlurmExecutor" and sent["launcher"] == "SlurmLauncher"
@@ -296,7 +295,7 @@ def test_a_local_sweep_leaves_a_run_folder_per_job_and_a_preempted_job_requeues_
         "+callbacks.preempt.units=8",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    done = forkserver.run(cmd, ROOT, env, 240)
     ok(done)
     folders = run_folders(sweep)
     assert len(folders) == 2

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf, open_dict
 from charlstm.config import check
 from charlstm.errors import ConfigError
 from charlstm.train import train
+from tests import forkserver
 from tests.conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,9 +146,9 @@ def cli_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     """The commands run side by side (each is mostly interpreter start-up)."""
     tmp = tmp_path_factory.mktemp("cli")
     procs = {
-        name: subprocess.Popen(
+        name: forkserver.popen(
             [sys.executable, str(ROOT / "train.py"), *args, f"paths.outputs_root={tmp}", f"hydra.run.dir={tmp / name}"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            ROOT,
         )
         for name, args in COMMANDS.items()
     }  # fmt: skip

@@ -4,7 +4,6 @@ alone reports, logs and writes the checkpoints."""
 from __future__ import annotations
 
 import csv
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from charlstm import checkpoint
+from tests import forkserver
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ def test_ddp_cpu_trains_in_one_folder_and_writes_one_checkpoint_set(tmp_path, da
         sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu", *TINY, "trainer.enable_progress_bar=false",
         "sample.length=20", f"paths.outputs_root={tmp_path}", f"paths.data_dir={data_dir}",
     ]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = forkserver.run(cmd, ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "All distributed processes registered. Starting with 2 processes" in done.stdout
     assert done.stdout.count("run folder:") == 1  # the summary comes from rank 0 only
@@ -57,7 +57,7 @@ def test_ddp_cpu_in_a_local_sweep_trains_each_job_once_in_its_own_folder(tmp_pat
         "sample.prompt=mov eax, [", "callbacks.text_sample=null", f"paths.outputs_root={tmp_path}",
         f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}",
     ]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = forkserver.run(cmd, ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("All distributed processes registered. Starting with 2 processes") == 2
     assert done.stdout.count("sweep summary (2 jobs") == 1  # rank 1 ran no sweep of its own

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from omegaconf import open_dict
 from charlstm.errors import ConfigError, VocabError
 from charlstm.evaluate import dataset_batches, evaluate, text_batches
 from charlstm.train import train
+from tests import forkserver
 from tests.conftest import ROOT, TINY, compose_cfg
 
 # The run's validation context differs from its seq_len, so a test fails if eval reads the wrong one.
@@ -157,7 +157,7 @@ def test_too_short_text_is_one_line(trained, text_file):
 @pytest.mark.slow
 def test_eval_py_prints_one_line_and_errors_in_one_line(trained, text_file):
     cmd = [sys.executable, str(ROOT / "eval.py"), f"ckpt={trained['ckpt']}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = forkserver.run(cmd, ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bits/char ")
@@ -165,8 +165,7 @@ def test_eval_py_prints_one_line_and_errors_in_one_line(trained, text_file):
     assert f"chars scored {len(trained['val_text']) - 20}" in lines[0]
 
     path = text_file("some text ☃", "bad.txt")
-    proc = subprocess.run([*cmd, "data=file", f"data.path={path}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    proc = forkserver.run([*cmd, "data=file", f"data.path={path}"], ROOT, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: ") and "'☃'" in proc.stderr and "Traceback" not in proc.stderr

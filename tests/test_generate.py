@@ -19,6 +19,7 @@ from charlstm.callbacks import TextSample, as_markdown
 from charlstm.errors import CheckpointError, ConfigError, VocabError
 from charlstm.generate import generate
 from charlstm.train import train
+from tests import forkserver
 from tests.conftest import ROOT, TINY, compose_cfg
 
 
@@ -179,8 +180,7 @@ class Shell:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "generate.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    return forkserver.run([sys.executable, str(ROOT / "generate.py"), *args], ROOT, timeout=120)
 
 
 @pytest.mark.slow

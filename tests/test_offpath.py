@@ -32,8 +32,9 @@ def asm_run(tmp_path_factory) -> dict:
     """The default recipe on a file of assembler lines, 20 steps."""
     cwd = tmp_path_factory.mktemp("asm")
     (cwd / "my.asm.txt").write_text(ASM + "\n", encoding="utf-8")
+    # a cold start (fresh=True), as a user's first command: its console is checked for library chatter
     done = run_cli("train.py", "data=file", "data.path=my.asm.txt", "trainer.max_steps=20", *SHRINK,
-                   "data.max_chars=null", cwd=cwd)  # fmt: skip
+                   "data.max_chars=null", cwd=cwd, fresh=True)  # fmt: skip
     return {"cwd": cwd, "done": done, "runs": run_folders(cwd / "outputs")}
 
 

@@ -17,6 +17,8 @@ from omegaconf import OmegaConf
 from charlstm import rundir
 from charlstm.rundir import claim_dir, claimed, fixed_keys, job_dirname, safe_name, swept_overrides
 from charlstm.summary import collect_rows, rank_rows, write_result, write_summary
+from tests import forkserver
+from tests.cli import cli_env
 from tests.conftest import CONFIG_DIR, ROOT, TINY
 from tests.test_tensorboard import session_hparams
 
@@ -25,10 +27,7 @@ QUICK = [*TINY, "trainer.max_steps=6", "trainer.enable_progress_bar=false", "cal
 
 
 def train_cli(*args: str, cwd: Path = ROOT) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    return forkserver.popen([sys.executable, str(ROOT / "train.py"), *args], cwd, cli_env())
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +19,7 @@ from tensorboard.plugins.hparams import metadata as hp_metadata
 
 from charlstm.callbacks import ConfigHParams, LearningRate, flatten_config
 from charlstm.train import train
+from tests import forkserver
 from tests.conftest import ROOT, TINY, compose_cfg
 
 QUIET = ["callbacks.text_sample=null", "trainer.enable_progress_bar=false", "sample.length=0"]
@@ -148,7 +148,7 @@ def test_every_sweep_job_has_its_config_and_experiment_in_hparams(tmp_path, data
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=seed", *TINY[1:], *QUIET, "model.units=8,12",
            "data.seq_len=20", "trainer.max_steps=30", "trainer.val_check_interval=10", f"paths.outputs_root={tmp_path}",
            f"paths.data_dir={data_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = forkserver.run(cmd, ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logdirs = sorted((tmp_path / "sweep").glob("*/tensorboard"))
     assert len(logdirs) == 2
