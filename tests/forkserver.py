@@ -49,6 +49,7 @@ def child(req):
         new = os.open(path, mode)
         os.dup2(new, fd)
         os.close(new)
+    sys.stdin = open(0, closefd=False)  # not the server's reader, which may hold the next requests
     script = req["argv"][0]
     sys.argv = list(req["argv"])
     sys.path[0] = os.path.dirname(script)
@@ -175,8 +176,10 @@ def _server_for(env: dict[str, str]) -> _Server | None:
     global _server
     if not hasattr(os, "fork") or os.environ.get("CHARLSTM_TESTS_NO_FORKSERVER"):
         return None
-    if _server is None:
-        _server = _Server({**env, "PYTHONUNBUFFERED": "1"})
+    if _server is None:  # the test environment, whatever the first command adds to it
+        base = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+        base.pop("HYDRA_FULL_ERROR", None)
+        _server = _Server(base)
         atexit.register(_server.close)
     keys = {k for k in (*env, *_server.env) if k.startswith(_IMPORT_TIME) and k not in _IGNORED}
     if any(env.get(k) != _server.env.get(k) for k in keys):

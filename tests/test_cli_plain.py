@@ -42,6 +42,19 @@ def test_plain_config_is_the_one_hydra_composes(args):
     assert OmegaConf.is_struct(mine)  # a mistyped key in code fails as under Hydra
 
 
+def test_an_existing_path_with_hydra_syntax_in_it_is_taken_literally(tmp_path):
+    job = tmp_path / "0_model.units=8,data.seq_len=20" / "last.ckpt"
+    job.parent.mkdir()
+    job.write_bytes(b"")
+    assert literal_args([f"ckpt={job}"]) == [f"ckpt='{job}'"]
+    assert literal_args([f"data.path={job}", f"ckpt_path={job}"]) == [f"data.path='{job}'", f"ckpt_path='{job}'"]
+    assert literal_args(["data.path=a.txt,b.txt", "ckpt=last", f"output={job}"]) == [
+        "data.path=a.txt,b.txt", "ckpt=last", f"output={job}"]  # fmt: skip
+    mine = plain_config(CONFIG_DIR, "generate", [f"ckpt={job}", "length=3"])
+    assert mine is not None and mine.ckpt == str(job)
+    assert compose_cfg("generate", literal_args([f"ckpt={job}"])).ckpt == str(job)
+
+
 LEFT_TO_HYDRA = [
     ["--help"],
     ["--cfg", "job"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pty
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,26 @@ def test_generate_prompt_outside_the_vocabulary_is_one_line(asm_run):
                    cwd=asm_run["cwd"])  # fmt: skip
     line = one_line_error(done)
     assert "'你'" in line and "'好'" in line
+
+
+def test_a_checkpoint_in_a_sweep_job_folder_is_taken_as_the_path_it_is(asm_run, tmp_path):
+    # sweep job folders are named by their values ('=' and ','): the path a summary shows must work as ckpt=PATH
+    (run,) = asm_run["runs"]
+    job = tmp_path / "sweep" / "1_model.units=8,data.seq_len=20" / "checkpoints"
+    job.mkdir(parents=True)
+    ckpt = job / "last.ckpt"
+    shutil.copy(run / "checkpoints" / "last.ckpt", ckpt)
+    done = ok(run_cli("generate.py", f"ckpt={ckpt}", "prompt=mov", "length=5", cwd=asm_run["cwd"]))  # no Hydra
+    assert done.stdout.startswith("mov")
+    done = ok(run_cli("generate.py", f"ckpt={ckpt}", "prompt=mov", "length=5", "hydra.verbose=false",
+                      cwd=asm_run["cwd"]))  # through Hydra  # fmt: skip
+    assert done.stdout.startswith("mov")
+    done = ok(run_cli("eval.py", f"ckpt={ckpt}", "data=file", f"data.path={asm_run['cwd'] / 'my.asm.txt'}",
+                      "data.max_chars=2000", cwd=asm_run["cwd"]))  # fmt: skip
+    assert done.stdout.startswith("bits/char ")
+    # a value that is not an existing file is still Hydra's to read: a sweep over two files, or an unreadable one
+    line = one_line_error(run_cli("generate.py", f"ckpt={job}=x/last.ckpt", cwd=asm_run["cwd"]))
+    assert "ckpt=" in line
 
 
 def test_generate_says_which_checkpoint_last_picked(asm_run):
