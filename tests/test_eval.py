@@ -45,7 +45,18 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
     }
 
 
+_DATA_DIR: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _session_data_dir(data_dir: Path):
+    """Texts named with data= are prepared into the session's data folder, not the repository's data/."""
+    _DATA_DIR[:] = [data_dir]
+
+
 def eval_cfg(*overrides: str):
+    if any(o.startswith("data=") for o in overrides):
+        overrides = (*overrides, f"data.data_dir={_DATA_DIR[0]}")
     return compose_cfg("eval", list(overrides))
 
 
@@ -120,6 +131,29 @@ def test_unknown_chars_are_an_error_listing_them_or_skipped_and_counted(trained,
     assert abs(score.bits_per_char - trained["val_bpc"]) < 1e-4  # the skipped text is the clean text
 
 
+def test_a_text_is_scored_from_the_prepared_cache_as_the_vocabulary_encodes_it(trained, text_file, data_dir):
+    # chars the model lacks, CRLF line ends, max_chars cutting the text: the ids encoding the lowercased text gives
+    # (chunk boundaries of the preparation itself are tested in test_prepared.py)
+    from charlstm.evaluate import read_text
+    from charlstm.vocab import CharVocab
+
+    hp = torch.load(trained["ckpt"], weights_only=True, map_location="cpu")["hyper_parameters"]
+    text = (trained["val_text"] + "☃É\r\n¶") * 40
+    path = text_file(text, "many.txt")
+    lowered = text.replace("\r\n", "\n").lower()
+    for max_chars in (None, 3000, len(lowered) - 7):
+        cut = f"data.max_chars={max_chars or 'null'}"
+        cfg = eval_cfg(f"ckpt={trained['ckpt']}", "data=file", f"data.path={path}", cut)
+        ids, skipped, where = read_text(cfg.data, hp, "skip")
+        head = lowered[:max_chars] if max_chars else lowered
+        expected = CharVocab.from_list(hp["vocab"]).encode(head, unknown="skip")
+        assert ids.long().tolist() == expected.tolist() and skipped == len(head) - len(expected) > 0
+        assert where == str(path)
+    assert list((data_dir / "prepared").glob("many-*/ids.*"))  # prepared once, beside the training caches
+    with pytest.raises(VocabError, match="'☃'"):
+        read_text(cfg.data, hp, "error")
+
+
 def test_output_writes_the_score_as_json(trained, tmp_path):
     out = tmp_path / "scores" / "eval.json"
     score = evaluate(eval_cfg(f"ckpt={trained['ckpt']}", f"output={out}"))
@@ -165,7 +199,7 @@ def test_eval_py_prints_one_line_and_errors_in_one_line(trained, text_file):
     assert f"chars scored {len(trained['val_text']) - 20}" in lines[0]
 
     path = text_file("some text ☃", "bad.txt")
-    proc = forkserver.run([*cmd, "data=file", f"data.path={path}"], ROOT, timeout=120)
+    proc = forkserver.run([*cmd, "data=file", f"data.path={path}", f"data.data_dir={path.parent}"], ROOT, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: ") and "'☃'" in proc.stderr and "Traceback" not in proc.stderr

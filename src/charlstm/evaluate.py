@@ -136,17 +136,23 @@ def own_validation(path: Path, hp: dict[str, Any], windows: str = "all") -> tupl
 
 def read_text(data: DictConfig, hp: dict[str, Any], unknown: str) -> tuple[torch.Tensor, int, str]:
     """The configured text as the checkpoint's ids (lowercased if it was trained so), and how many chars
-    the vocabulary lacked (dropped with ``unknown=skip``)."""
-    from charlstm.corpus import load_text
+    the vocabulary lacked (dropped with ``unknown=skip``). The text is read through the same prepared cache as
+    training (data/prepared/: read once, then memory-mapped), so a big file costs no more memory than its ids."""
+    from charlstm.corpus import corpus_file
+    from charlstm.prepared import encode_as, keep_present, prepare
 
-    text = load_text(**{k: data.get(k) for k in CORPUS_KEYS if k in data})
-    if hp.get("lowercase", True):
-        text = text.lower()
-    if data.get("max_chars"):
-        text = text[: data.max_chars]
-    ids = CharVocab.from_list(hp["vocab"]).encode(text, unknown=unknown)
-    where = data.get("path") if data.get("source") == "file" else f"play {data.get('play')}"
-    return ids, len(text) - len(ids), str(where)
+    source = data.get("source") or "play"
+    file, where, key = corpus_file(source, data.get("play") or "macbeth", data.get("path"), data.get("sha256"),
+                                   data.get("data_dir") or "data")  # fmt: skip
+    errors = (data.get("errors") or "strict") if source == "file" else "strict"
+    corpus = prepare(file, data.get("data_dir") or "data", where=where, key=key, lowercase=hp.get("lowercase", True),
+                     errors=errors)  # fmt: skip
+    ids, vocab = corpus.ids, corpus.vocab
+    if data.get("max_chars") and data.max_chars < len(ids):
+        ids, vocab = keep_present(ids[: data.max_chars], vocab)
+    ids, skipped = encode_as(ids, vocab, CharVocab.from_list(hp["vocab"]), unknown)
+    named = data.get("path") if source == "file" else f"play {data.get('play')}"
+    return ids, skipped, str(named)
 
 
 def evaluate(cfg: DictConfig) -> Score:

@@ -24,7 +24,7 @@ import torch
 from charlstm.corpus import check_errors
 from charlstm.errors import CorpusError, VocabError
 from charlstm.fileio import file_mode, fsync_dir
-from charlstm.vocab import CharVocab, codepoints
+from charlstm.vocab import CharVocab, codepoints, unknown_chars
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +396,27 @@ def check_covers(target: CharVocab, chars: list[str], what: str = "data.vocab") 
             f"the corpus has {len(missing)} character(s) {what} lacks: {', '.join(repr(c) for c in missing[:20])}"
             f"{more}; add them to {what}, or train on a text without them"
         )
+
+
+def encode_as(
+    ids: torch.Tensor, vocab: CharVocab, target: CharVocab, unknown: str = "error"
+) -> tuple[torch.Tensor, int]:
+    """``ids`` (over ``vocab``, every char present) as ids of ``target``, the model's vocabulary: chars it lacks are
+    an error naming them, as ``CharVocab.encode`` says it, or dropped with ``unknown='skip'``. Returns the ids (``ids``
+    itself where the numbering agrees) and how many were dropped."""
+    missing = [c for c in vocab.chars if c not in target.index]
+    if missing and unknown != "skip":
+        raise unknown_chars(missing)
+    if not missing:
+        return recode(ids, vocab, target), 0
+    table = torch.tensor([target.index.get(c, -1) for c in vocab.chars], dtype=torch.long)
+    parts, dropped = [], 0
+    for i in range(0, len(ids), _REMAP_CHUNK):
+        mapped = table[ids[i : i + _REMAP_CHUNK].long()]
+        keep = mapped >= 0
+        dropped += int((~keep).sum())
+        parts.append(mapped[keep].to(target.id_dtype))
+    return (torch.cat(parts) if parts else torch.zeros(0, dtype=target.id_dtype)), dropped
 
 
 def recode(ids: torch.Tensor, vocab: CharVocab, target: CharVocab) -> torch.Tensor:

@@ -92,16 +92,21 @@ class CharVocab:
                 ids = ids[~bad]
             parts.append(torch.from_numpy(ids).to(dtype))
         if missing and unknown != "skip":
-            chars = sorted(missing)
-            shown = ", ".join(repr(c) for c in chars[:20])
-            more = f" and {len(chars) - 20} more" if len(chars) > 20 else ""
-            raise VocabError(
-                f"text has {len(chars)} character(s) the model's vocabulary lacks: {shown}{more}; "
-                "remove them or pass unknown=skip to drop them"
-            )
+            raise unknown_chars(missing)
         return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
 
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return "".join(self.chars[i] for i in ids)
+
+
+def unknown_chars(missing: Iterable[str]) -> VocabError:
+    """The error for a text holding chars the model's vocabulary lacks (up to 20 named)."""
+    chars = sorted(set(missing))
+    shown = ", ".join(repr(c) for c in chars[:20])
+    more = f" and {len(chars) - 20} more" if len(chars) > 20 else ""
+    return VocabError(
+        f"text has {len(chars)} character(s) the model's vocabulary lacks: {shown}{more}; "
+        "remove them or pass unknown=skip to drop them"
+    )
