@@ -73,6 +73,8 @@ def test_search_keeps_its_study_in_sqlite_and_ends_with_a_summary(searched):
     for key, value in best.params.items():
         assert search.override(key, value) in line.split()
     assert "hparams_search" not in line and "choice(" not in line
+    # the default sweep folder the search's own one replaces is not left behind, empty, in outputs/multirun/
+    assert not (sweep_dir.parent / "outputs").exists()
     assert (sweep_dir / "optuna_history.png").is_file()
     assert (sweep_dir / "summary.png").is_file()
 
@@ -192,7 +194,10 @@ def test_search_space_reads_hydra_sweep_syntax():
         search.search_space({"a": "choice(1,2)"}, ["optuna.trial=3"])
 
 
-def test_lstm_search_composes_and_its_space_parses():
+def test_lstm_search_composes_and_its_space_parses(tmp_path, monkeypatch):
+    # composing merges the search's sweep folder over the default one, which resolves (claims) the default one
+    # (a real run then removes it, see test_search_keeps_its_study_in_sqlite_and_ends_with_a_summary): in tmp_path
+    monkeypatch.chdir(tmp_path)
     cfg = compose_cfg("train", ["hparams_search=lstm"])
     assert cfg.callbacks.optuna_pruning._target_ == "charlstm.pruning.OptunaPruning"
     assert cfg.optimized_metric == "val/bpc_best" and cfg.trainer.max_time

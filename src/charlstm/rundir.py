@@ -223,13 +223,25 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("charlstm.job_dir", _job_dir)
 
 
+def _discard_all_but(used: str) -> None:
+    """Remove the folders claimed while the config was composed that the command does not use: merging a config
+    over a default folder (``hparams_search=lstm`` sets its own sweep folder) resolves the default one too."""
+    others = [f for f in _made if f.resolve() != Path(used).resolve()]
+    if others:
+        discard_unused(*others)
+
+
 class RunDirs(Callback):
     """Hydra callback: notes which keys a multirun fixes (job folders name only the swept ones) and forgets the
     folders claimed once a run or multirun ends."""
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _discard_all_but(config.hydra.run.dir)
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
         os.environ[FIXED_ENV] = json.dumps(fixed_keys([str(o) for o in task or []]))
+        _discard_all_but(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ.pop(FIXED_ENV, None)
