@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from charlstm import corpus
-from charlstm.corpus import CorpusError, fetch_url, load_text, markdown_to_text, play_text, read_text_file
+from charlstm.corpus import CorpusError, corpus_file, fetch_url, markdown_to_text, play_text, read_text_file
 from charlstm.errors import CharLSTMError
 from charlstm.train import train
 
@@ -63,7 +63,7 @@ def test_bom_and_windows_line_ends_are_normalised(text_file):
 
 def test_file_source_needs_a_path():
     with pytest.raises(CorpusError) as info:
-        load_text(source="file", path=None)
+        corpus_file(source="file", path=None)
     assert str(info.value) == "data=file needs a path: add data.path=PATH/TO/TEXT.txt (or an http(s) URL)"
 
 
@@ -256,7 +256,7 @@ def test_download_is_cached_and_read_once(server, tmp_path):
     assert path.parent == data_dir / "downloads" and path.name.endswith("-macbeth.txt")
     assert path.read_bytes() == BODY
     assert fetch_url(url, data_dir) == path
-    assert load_text(source="file", path=url, data_dir=data_dir) == BODY.decode()
+    assert corpus_file(source="file", path=url, data_dir=data_dir)[0].read_bytes() == BODY
     assert server.requests == ["/macbeth.txt"]  # the second and third reads came from data/downloads
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 

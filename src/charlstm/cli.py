@@ -16,12 +16,19 @@ from typing import Any
 # Keys whose value is free text: passed to Hydra quoted, so quotes, commas, '=', brackets and any script
 # arrive exactly as the shell gave them.
 LITERAL_KEYS = ("prompt", "sample.prompt", "callbacks.text_sample.prompt")
-_LITERAL = re.compile(r"^(\+{0,2})(" + "|".join(re.escape(k) for k in LITERAL_KEYS) + r")=(.*)$", re.DOTALL)
+
+
+def _override_of(keys: Sequence[str]) -> re.Pattern[str]:
+    """``[+|++]KEY=VALUE`` for one of ``keys``: groups (prefix, key, value)."""
+    return re.compile(r"^(\+{0,2})(" + "|".join(re.escape(k) for k in keys) + r")=(.*)$", re.DOTALL)
+
+
+_LITERAL = _override_of(LITERAL_KEYS)
 # Keys naming a file: a value that is an existing path is taken literally too (a sweep's job folders hold '=' and
 # ',', e.g. outputs/multirun/.../1_model.units=128/checkpoints/last.ckpt); anything else, such as `last` or a sweep
 # over several files (`data.path=a.txt,b.txt`), goes to Hydra as written.
 PATH_KEYS = ("ckpt", "ckpt_path", "data.path")
-_PATH = re.compile(r"^(\+{0,2})(" + "|".join(re.escape(k) for k in PATH_KEYS) + r")=(.*)$", re.DOTALL)
+_PATH = _override_of(PATH_KEYS)
 # Set once this command line's free-text values are quoted for Hydra. Lightning starts the other DDP ranks by running
 # the command line again, with this environment: quoted a second time, a value would keep its quotes as text.
 QUOTED_ENV = "CHARLSTM_ARGS_QUOTED"
@@ -45,16 +52,16 @@ def literal_args(args: Sequence[str]) -> list[str]:
     """Command-line overrides with the free-text ones quoted for Hydra; everything else unchanged."""
     out = []
     for arg in args:
-        m = _LITERAL.match(arg) or (_PATH.match(arg) if literal_path(arg) else None)
+        m = _LITERAL.match(arg) or literal_path(arg)
         out.append(f"{m.group(1)}{m.group(2)}={quote_value(m.group(3))}" if m else arg)
     return out
 
 
-def literal_path(arg: str) -> bool:
-    """Whether ``arg`` is ``KEY=VALUE`` for a file-naming key whose value is an existing path that Hydra would not
-    read back as itself (it holds '=', ',', quotes, brackets, spaces ...)."""
+def literal_path(arg: str) -> re.Match[str] | None:
+    """The match of ``arg`` when it is ``KEY=VALUE`` for a file-naming key whose value is an existing path that
+    Hydra would not read back as itself (it holds '=', ',', quotes, brackets, spaces ...); else None."""
     m = _PATH.match(arg)
-    return bool(m) and plain_value(m.group(3)) is _NOT_PLAIN and os.path.exists(m.group(3))
+    return m if m and plain_value(m.group(3)) is _NOT_PLAIN and os.path.exists(m.group(3)) else None
 
 
 def _overrides(args: Sequence[str]) -> list[str]:
@@ -230,7 +237,7 @@ def plain_config(config_dir: Path, config_name: str, args: Sequence[str]) -> Any
         if not eq or not _KEY.fullmatch(key) or key not in cfg or key in seen:
             return None
         seen.add(key)
-        literal = key in LITERAL_KEYS or literal_path(arg)
+        literal = key in LITERAL_KEYS or literal_path(arg) is not None
         value = omegaconf_literal(text) if literal else plain_value(text)
         if value is _NOT_PLAIN:
             return None

@@ -188,18 +188,3 @@ def corpus_file(
         file = check_file(path)
         return file, f"corpus file {file}", ""
     raise CorpusError(f"data.source={source!r} is not allowed; use 'play' or 'file'")
-
-
-def load_text(
-    source: str = "play",
-    play: str = "macbeth",
-    path: str | None = None,
-    sha256: str | None = None,
-    data_dir: str | os.PathLike[str] = "data",
-    errors: str = "strict",
-) -> str:
-    """The corpus as one ``str`` from the configured source (the file :func:`corpus_file` finds, read whole)."""
-    if source == "play":
-        return play_text(play, data_dir)
-    file, where, _ = corpus_file(source, play, path, sha256, data_dir)  # checked: exists, a file, not empty
-    return decode_text(file.read_bytes(), where, errors)

@@ -10,10 +10,10 @@ import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from charlstm.corpus import corpus_file, play_names, play_text
+from charlstm.corpus import play_names, play_text
 from charlstm.errors import ConfigError, CorpusError
 from charlstm.net import ENCODINGS, encode_inputs
-from charlstm.prepared import check_covers, keep_present, prepare, recode
+from charlstm.prepared import check_covers, corpus_ids, recode
 from charlstm.vocab import CharVocab
 
 LAYOUTS = ("windows", "streams")
@@ -307,14 +307,8 @@ class CharDataModule(pl.LightningDataModule):
         asked); returns the vocabulary."""
         if self.vocab is not None:
             return self.vocab
-        args = self.corpus_args
-        file, where, key = corpus_file(args["source"], args["play"], args["path"], args["sha256"], args["data_dir"])
-        errors = args["errors"] if args["source"] == "file" else "strict"
         # ids memory-mapped from data_dir/prepared/ (the text is read and encoded once, on the first run)
-        corpus = prepare(file, args["data_dir"], where=where, key=key, lowercase=self.lowercase, errors=errors)
-        ids, vocab = corpus.ids, corpus.vocab
-        if self.max_chars and self.max_chars < len(ids):
-            ids, vocab = keep_present(ids[: self.max_chars], vocab)
+        ids, vocab = corpus_ids(**self.corpus_args, lowercase=self.lowercase, max_chars=self.max_chars)
         if len(ids) == 0:
             raise CorpusError("the corpus is empty; choose a text with characters in it")
         extra = self._extra_text()

@@ -36,8 +36,6 @@ EVAL_RULES: dict[str, Rule] = {
     **{k: v for k, v in TRAIN_RULES.items() if k.startswith("data.") and k != "data.encoding"},
 }
 LN2 = math.log(2.0)
-# The corpus settings of a data config; the rest (splits, batches, layout) do not apply to scoring a whole text.
-CORPUS_KEYS = ("source", "play", "path", "sha256", "data_dir", "errors")
 
 
 @dataclass
@@ -138,18 +136,12 @@ def read_text(data: DictConfig, hp: dict[str, Any], unknown: str) -> tuple[torch
     """The configured text as the checkpoint's ids (lowercased if it was trained so), and how many chars
     the vocabulary lacked (dropped with ``unknown=skip``). The text is read through the same prepared cache as
     training (data/prepared/: read once, then memory-mapped), so a big file costs no more memory than its ids."""
-    from charlstm.corpus import corpus_file
-    from charlstm.prepared import encode_as, keep_present, prepare
+    from charlstm.prepared import corpus_ids, encode_as
 
     source = data.get("source") or "play"
-    file, where, key = corpus_file(source, data.get("play") or "macbeth", data.get("path"), data.get("sha256"),
-                                   data.get("data_dir") or "data")  # fmt: skip
-    errors = (data.get("errors") or "strict") if source == "file" else "strict"
-    corpus = prepare(file, data.get("data_dir") or "data", where=where, key=key, lowercase=hp.get("lowercase", True),
-                     errors=errors)  # fmt: skip
-    ids, vocab = corpus.ids, corpus.vocab
-    if data.get("max_chars") and data.max_chars < len(ids):
-        ids, vocab = keep_present(ids[: data.max_chars], vocab)
+    ids, vocab = corpus_ids(source, data.get("play") or "macbeth", data.get("path"), data.get("sha256"),
+                            data.get("data_dir") or "data", data.get("errors") or "strict",
+                            hp.get("lowercase", True), data.get("max_chars"))  # fmt: skip
     ids, skipped = encode_as(ids, vocab, CharVocab.from_list(hp["vocab"]), unknown)
     named = data.get("path") if source == "file" else f"play {data.get('play')}"
     return ids, skipped, str(named)

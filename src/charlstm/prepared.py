@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from charlstm.corpus import check_errors
+from charlstm.corpus import check_errors, corpus_file
 from charlstm.errors import CorpusError, VocabError
 from charlstm.fileio import file_mode, fsync_dir
-from charlstm.vocab import CharVocab, codepoints, unknown_chars
+from charlstm.vocab import CharVocab, char_list, codepoints, unknown_chars
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +358,21 @@ def prepare(
     return found
 
 
+def corpus_ids(
+    source: str, play: str, path: str | None, sha256: str | None, data_dir: str | os.PathLike[str], errors: str,
+    lowercase: bool, max_chars: int | None = None,
+) -> tuple[torch.Tensor, CharVocab]:  # fmt: skip
+    """The configured corpus (a play or a file, see ``corpus.corpus_file``) as memory-mapped ids, prepared once, and
+    the vocabulary of the chars they hold; ``max_chars`` keeps the first that many."""
+    file, where, key = corpus_file(source, play, path, sha256, data_dir)
+    errors = errors if source == "file" else "strict"  # the package's plays are valid UTF-8
+    corpus = prepare(file, data_dir, where=where, key=key, lowercase=lowercase, errors=errors)
+    ids, vocab = corpus.ids, corpus.vocab
+    if max_chars and max_chars < len(ids):
+        ids, vocab = keep_present(ids[:max_chars], vocab)
+    return ids, vocab
+
+
 # -- ids in another vocabulary ----------------------------------------------------------------------------------
 
 _REMAP_CHUNK = 1 << 22
@@ -391,10 +406,9 @@ def check_covers(target: CharVocab, chars: list[str], what: str = "data.vocab") 
     that fixed the vocabulary."""
     missing = [c for c in chars if c not in target.index]
     if missing:
-        more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
         raise VocabError(
-            f"the corpus has {len(missing)} character(s) {what} lacks: {', '.join(repr(c) for c in missing[:20])}"
-            f"{more}; add them to {what}, or train on a text without them"
+            f"the corpus has {len(missing)} character(s) {what} lacks: {char_list(missing)}; add them to {what}, "
+            "or train on a text without them"
         )
 
 

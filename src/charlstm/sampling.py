@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 import torch
 
 from charlstm import checkpoint
-from charlstm.errors import ConfigError, VocabError
+from charlstm.errors import ConfigError
 from charlstm.net import CharLSTM, encode_inputs
-from charlstm.vocab import CharVocab
+from charlstm.vocab import CharVocab, unknown_chars
 
 MODES = ("stateful", "window")
 UNKNOWN = ("error", "skip")
@@ -311,13 +311,7 @@ class Generator:
         if unknown == "skip":
             gone = set(missing)
             return "".join(ch for ch in prompt if ch not in gone)
-        shown = ", ".join(repr(c) for c in missing[:20])
-        if len(missing) > 20:
-            shown += f" and {len(missing) - 20} more"
-        raise VocabError(
-            f"the prompt has {len(missing)} character(s) the model's vocabulary lacks: {shown}; "
-            "remove them or pass unknown=skip to drop them"
-        )
+        raise unknown_chars(missing, "the prompt")
 
     def _ids(self, text: str) -> torch.Tensor:
         return self.vocab.encode(text).to(self.device)

@@ -40,6 +40,7 @@ from charlstm.logs import quiet_known_warnings, route_library_logs
 from charlstm.progress import FinalValidation, ValidationLog
 from charlstm.reliability import AtomicCheckpointIO, LastCheckpoint, ensure_last_checkpoint
 from charlstm.rundir import override_key
+from charlstm.vocab import char_list
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,7 @@ def check_resume_compatible(ckpt_path: Path, ckpt: dict[str, Any], model: pl.Lig
     if list(hp["vocab"]) != list(mine.vocab):
         theirs, ours = set(hp["vocab"]), set(mine.vocab)
         diff = sorted(ours ^ theirs)
-        shown = ", ".join(repr(c) for c in diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
-        detail = f"differing chars: {shown}" if diff else "same chars in another order"
+        detail = f"differing chars: {char_list(diff, 8)}" if diff else "same chars in another order"
         raise CheckpointError(
             f"checkpoint {ckpt_path} was trained on another vocabulary ({len(hp['vocab'])} chars, this corpus "
             f"has {len(mine.vocab)}; {detail}); resume with the same data settings or start a new run "

@@ -101,12 +101,16 @@ class CharVocab:
         return "".join(self.chars[i] for i in ids)
 
 
-def unknown_chars(missing: Iterable[str]) -> VocabError:
-    """The error for a text holding chars the model's vocabulary lacks (up to 20 named)."""
+def char_list(chars: Sequence[str], limit: int = 20) -> str:
+    """``'a', 'b' and 3 more``: up to ``limit`` chars, quoted, for an error line."""
+    more = f" and {len(chars) - limit} more" if len(chars) > limit else ""
+    return ", ".join(repr(c) for c in chars[:limit]) + more
+
+
+def unknown_chars(missing: Iterable[str], what: str = "text") -> VocabError:
+    """The error for a text (or ``what``) holding chars the model's vocabulary lacks."""
     chars = sorted(set(missing))
-    shown = ", ".join(repr(c) for c in chars[:20])
-    more = f" and {len(chars) - 20} more" if len(chars) > 20 else ""
     return VocabError(
-        f"text has {len(chars)} character(s) the model's vocabulary lacks: {shown}{more}; "
+        f"{what} has {len(chars)} character(s) the model's vocabulary lacks: {char_list(chars)}; "
         "remove them or pass unknown=skip to drop them"
     )
