@@ -1,12 +1,13 @@
 """Peak memory and start-up time of training on a big text file: the first run (which prepares the corpus into
 data/prepared/) and later runs (which memory-map it), for synthetic corpora of growing size.
 
-    python benchmarks/memory_bench.py                       # 10 MB, 100 MB, 400 MB, 1 GB
+    python benchmarks/memory_bench.py                       # 10 MB, 100 MB, 400 MB, 1 GB (4 GB: --sizes 4GB)
     python benchmarks/memory_bench.py --sizes 10MB,100MB --recipes charrnn,seed
 
 Each run is `python train.py data=file data.path=BIG experiment=RECIPE trainer.max_steps=20` in a fresh process;
 its peak resident memory is the kernel's (``wait4``: ru_maxrss, which counts pages of the memory-mapped id file
-the run touched) and its anonymous part is sampled every 20 ms from /proc. Results go to benchmarks/results/.
+the run touched; under DDP, the largest rank's) and its anonymous part is sampled every 20 ms from /proc (under DDP,
+summed over the ranks). Results go to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from charlstm.hardware import cpu_capability  # noqa: E402
 
-SIZES = {"10MB": 10_000_000, "100MB": 100_000_000, "400MB": 400_000_000, "1GB": 1_000_000_000}
+SIZES = {"10MB": 10_000_000, "100MB": 100_000_000, "400MB": 400_000_000, "1GB": 1_000_000_000, "4GB": 4_000_000_000}
 # recipe name -> overrides; every run: 20 steps, a 2000-window validation, a short sample
 RECIPES = {
     "charrnn": ["experiment=charrnn"],  # streams, embedding, 2 x 256
     "default": [],  # the default recipe: streams (on a file, the file alone)
     "seed": ["experiment=seed", "data.val_max_windows=2000"],  # windows, the tutorial's 2 x 300
+    "seed-ddp": ["experiment=seed", "data.val_max_windows=2000", "trainer=ddp_cpu"],  # the same, 2 processes
 }
 COMMON = ["trainer.max_steps=20", "trainer.enable_progress_bar=false", "sample.length=100", "logger=csv",
           "callbacks.text_sample=null"]  # fmt: skip
@@ -65,13 +67,18 @@ def synthetic_text(path: Path, size: int, seed: int = 0) -> None:
 
 
 def anon_kb(pid: int) -> int:
+    """Anonymous resident memory (KB) of ``pid`` and every process it started (a DDP run's other ranks)."""
+    total = 0
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("RssAnon:"):
-                return int(line.split()[1])
+                total += int(line.split()[1])
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += anon_kb(int(child))
     except OSError:
         pass
-    return 0
+    return total
 
 
 def startup_seconds(train_log: Path, started: float) -> float | None:
@@ -179,7 +186,7 @@ def main() -> None:
             results.append(row)
             print(json.dumps(row), flush=True)
     lines = [*[f"    {h}" for h in header], "",
-             "| corpus | recipe | run | runs | start-up (s) | wall (s) | peak RSS (MB) | of it anonymous (MB) |",
+             "| corpus | recipe | run | runs | start-up (s) | wall (s) | peak RSS (MB) | anonymous, all processes (MB) |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in summarize(results):
         prep = f" (prepare {r['prepare_s']:.1f} s)" if r.get("prepare_s") is not None else ""

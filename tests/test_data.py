@@ -121,11 +121,42 @@ def test_under_ddp_each_rank_validates_its_own_share_and_every_window_once(tmp_p
                         val_fraction=0.2, val_batch_size=4)  # fmt: skip
     n = len(dm.val_dataset())
     assert n % 2 == 1  # shares of unequal size: a padding sampler would repeat a window
-    shares = []
+    for loader in ("val_dataloader", "test_dataloader"):
+        dm.test_ids = dm.val_ids  # a held-out test text is scored the same way
+        shares = []
+        for rank in (0, 1):
+            dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+            shares.append(list(getattr(dm, loader)().sampler))
+        assert sorted(shares[0] + shares[1]) == list(range(n)), loader
+
+
+def test_under_ddp_each_rank_trains_on_its_share_of_rank_zeros_shuffle(tmp_path, text_file):
+    from types import SimpleNamespace
+
+    from charlstm.data import ShuffledWindows
+
+    dm = CharDataModule(source="file", path=str(text_file("abcdefg" * 400)), data_dir=str(tmp_path), seq_len=5,
+                        batch_size=8)  # fmt: skip
+    n, shares, sent = len(dm.train_dataset()), [], []
     for rank in (0, 1):
-        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
-        shares.append(list(dm.val_dataloader().sampler))
-    assert sorted(shares[0] + shares[1]) == list(range(n))
+        torch.manual_seed(rank)  # an unseeded run: each rank's own draw differs, rank 0's is broadcast
+        strategy = SimpleNamespace(broadcast=lambda obj, src: sent.append((obj, src)) or sent[0][0])
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, strategy=strategy)
+        loader = dm.train_dataloader()
+        assert isinstance(loader.sampler, ShuffledWindows) and loader.batch_size == 8
+        x, y = next(iter(loader))
+        assert x.shape == (8, 5) and torch.equal(x[0], dm.train_ids[loader.sampler.__iter__().__next__() :][:5])
+        shares.append(list(loader.sampler))
+    assert sent[0][1] == 0 and sent[0][0] != sent[1][0]
+    assert len(shares[0]) == len(shares[1]) == n // 2 + n % 2
+    assert set(shares[0] + shares[1]) == set(range(n)) and shares[0] != shares[1]
+
+
+def test_lightning_keeps_the_datamodules_samplers_under_ddp(make_cfg):
+    from charlstm.train import build_trainer
+
+    trainer = build_trainer(make_cfg("trainer.precision=32-true"), callbacks=[], loggers=[])
+    assert trainer._accelerator_connector.use_distributed_sampler is False
 
 
 def test_extra_plays_add_training_text_only(tmp_path):
@@ -142,16 +173,16 @@ def test_extra_plays_add_training_text_only(tmp_path):
     assert "othello" in more.vocab.decode(more.train_ids[:200_000].long())
 
 
-def test_shuffled_batches_match_the_standard_shuffle_without_an_index_list():
+def test_shuffled_windows_match_the_standard_shuffle_without_an_index_list():
     from torch.utils.data import BatchSampler, RandomSampler
 
-    from charlstm.data import ShuffledBatches
+    from charlstm.data import ShuffledWindows
 
     torch.manual_seed(7)
-    ours = list(ShuffledBatches(103, 10))
+    ours = list(BatchSampler(ShuffledWindows(103), 10, drop_last=False))
     torch.manual_seed(7)
     standard = list(BatchSampler(RandomSampler(range(103)), 10, drop_last=False))
-    assert ours == standard and len(ours) == len(ShuffledBatches(103, 10)) == 11
+    assert ours == standard and len(ours) == 11
     assert sorted(i for b in ours for i in b) == list(range(103))
 
 
@@ -261,20 +292,45 @@ def test_validation_text_never_reaches_training(data, experiment, data_dir, tmp_
         assert set(dm.vocab.chars) == set(path.read_text(encoding="utf-8")[:4000])
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 1000, 4099])
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 4099, 20_000])
 def test_a_big_corpus_is_shuffled_in_constant_memory_every_window_once(n):
-    from charlstm.data import ShuffledBatches
+    from charlstm.data import ShuffledWindows
 
     torch.manual_seed(3)
-    batches = list(ShuffledBatches(n, 32, exact_limit=0))  # the path a corpus of millions of windows takes
-    assert len(batches) == len(ShuffledBatches(n, 32, exact_limit=0)) == -(-n // 32)
-    flat = [i for b in batches for i in b]
+    flat = list(ShuffledWindows(n, exact_limit=0))  # the path a corpus of millions of windows takes
+    assert len(flat) == len(ShuffledWindows(n, exact_limit=0)) == n
     assert sorted(flat) == list(range(n))  # a permutation: every window once per epoch
     if n >= 1000:
         assert flat[:50] != list(range(50))  # and shuffled: not in order
         torch.manual_seed(3)
-        assert [i for b in ShuffledBatches(n, 32, exact_limit=0) for i in b] == flat  # seeded by torch's RNG
-        assert [i for b in ShuffledBatches(n, 32, exact_limit=0) for i in b] != flat  # a new order each epoch
+        assert list(ShuffledWindows(n, exact_limit=0)) == flat  # seeded by torch's RNG
+        assert list(ShuffledWindows(n, exact_limit=0)) != flat  # a new order each epoch
+
+
+@pytest.mark.parametrize("exact_limit", [1 << 24, 0])
+@pytest.mark.parametrize(("n", "world"), [(1000, 2), (1001, 3), (20_001, 4), (2, 3)])
+def test_ddp_ranks_share_one_shuffle_each_window_once_and_as_many_steps(n, world, exact_limit):
+    from charlstm.data import ShuffledWindows
+
+    def shares(epoch: int, seed: int = 11) -> list[list[int]]:
+        out = []
+        for rank in range(world):
+            torch.manual_seed(rank)  # unseeded ranks' RNGs differ: the order must come from the shared seed alone
+            sampler = ShuffledWindows(n, rank, world, seed=seed, exact_limit=exact_limit)
+            sampler.set_epoch(epoch)
+            out.append(list(sampler))
+        return out
+
+    first = shares(0)
+    per_rank = -(-n // world)
+    assert [len(s) for s in first] == [per_rank] * world  # every rank takes the same number of steps
+    seen = [i for s in first for i in s]
+    assert sorted(set(seen)) == list(range(n))  # every window read in the epoch
+    assert len(seen) - n == per_rank * world - n < world  # repeats only to even out the shares, as DDP pads
+    assert shares(0) == first  # one seed and epoch, one order: ranks and restarts agree
+    if n > 100:
+        assert shares(1) != first and {i for s in shares(1) for i in s} == set(seen)
+        assert first[0][:20] != sorted(first[0][:20])  # shuffled within a rank, too
 
 
 def test_a_test_split_is_held_out_before_the_validation_tail(tmp_path, text_file):

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from charlstm.corpus import play_names, play_text
 from charlstm.errors import ConfigError, CorpusError
 from charlstm.net import ENCODINGS, encode_inputs
-from charlstm.prepared import check_covers, corpus_ids, recode
+from charlstm.prepared import MappedPages, check_covers, corpus_ids, recode
 from charlstm.vocab import CharVocab
 
 LAYOUTS = ("windows", "streams")
@@ -39,11 +39,16 @@ class WindowDataset(Dataset):
             raise ConfigError(f"data.targets={targets!r} is not allowed; use 'last' or 'all'")
         self.ids, self.seq_len, self.stride, self.targets = ids, seq_len, stride, targets
         self._offsets = torch.arange(seq_len + 1)  # a window and its next char
+        self._pages = MappedPages(ids, every=256)  # a mapped corpus: unmap what every 256 windows read
 
     def __len__(self) -> int:
         return max(0, (len(self.ids) - self.seq_len - 1) // self.stride + 1)
 
     def __getitems__(self, indices: list[int]) -> Batch:
+        every = self._pages.every
+        if len(indices) > every:  # a big batch (validation's): gathered in parts, unmapping as it goes
+            parts = [self.__getitems__(indices[i : i + every]) for i in range(0, len(indices), every)]
+            return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
         starts = torch.as_tensor(indices, dtype=torch.long) * self.stride
         if self.targets == "last":
             x = self.ids[starts[:, None] + self._offsets[:-1]]
@@ -51,6 +56,7 @@ class WindowDataset(Dataset):
         else:
             both = self.ids[starts[:, None] + self._offsets]
             x, y = both[:, :-1], both[:, 1:]
+        self._pages.read(len(indices))
         return x.long(), y.long()
 
     def __getitem__(self, index: int) -> Batch:
@@ -80,42 +86,63 @@ class StreamDataset(IterableDataset):
         self.seq_len, self.length = seq_len, length
         self.inputs = part[: batch_size * length].view(batch_size, length)
         self.targets = part[1 : batch_size * length + 1].view(batch_size, length)
+        self._pages = MappedPages(ids, every=256)  # a mapped corpus: unmap what every 256 batches read
 
     def __len__(self) -> int:
         return math.ceil(self.length / self.seq_len)
 
     def __iter__(self):
         for i in range(0, self.length, self.seq_len):
-            yield self.inputs[:, i : i + self.seq_len].long(), self.targets[:, i : i + self.seq_len].long()
+            batch = self.inputs[:, i : i + self.seq_len].long(), self.targets[:, i : i + self.seq_len].long()
+            self._pages.read()
+            yield batch
 
 
-class ShuffledBatches(Sampler[list[int]]):
-    """Batches of shuffled window indices: every window once per epoch, without a Python list of every index.
+class ShuffledWindows(Sampler[int]):
+    """Shuffled window indices: every window once per epoch, without a Python list of every index; under DDP each
+    rank reads its own share of one shuffle.
 
-    Up to ``exact_limit`` windows: the same order as ``DataLoader(shuffle=True)`` (one seed drawn from torch's
-    RNG per epoch, one int64 randperm). Beyond it (a big corpus: 400 M windows would be a 3.2 GB permutation)
-    the order is a keyed pseudo-random permutation computed batch by batch in constant memory.
+    Up to ``exact_limit`` windows the order is one int64 randperm; beyond it (a big corpus: 400 M windows would be a
+    3.2 GB permutation) a keyed pseudo-random permutation computed block by block in constant memory.
+
+    ``seed=None`` (one process): each epoch draws its seed from torch's RNG, the same order as
+    ``RandomSampler`` (so a seeded run repeats, and a resumed one goes on with the restored RNG). With ``seed``
+    (DDP: every rank must shuffle alike) epoch ``e`` uses ``seed + e``, as ``DistributedSampler`` does; Lightning
+    calls ``set_epoch``. Rank ``r`` of ``world`` reads positions ``r, r + world, ...`` of the shuffle, the last
+    round wrapping to the start so that every rank reads ``ceil(n / world)`` windows (ranks must take the same
+    number of steps), as ``DistributedSampler`` pads.
     """
 
-    def __init__(self, n: int, batch_size: int, exact_limit: int = 1 << 24) -> None:
-        self.n, self.batch_size, self.exact_limit = n, batch_size, exact_limit
+    BLOCK = 8192  # indices computed per tensor operation
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1, seed: int | None = None,
+                 exact_limit: int = 1 << 24) -> None:  # fmt: skip
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in a world of {world}")
+        self.n, self.rank, self.world, self.seed, self.exact_limit = n, rank, world, seed, exact_limit
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.batch_size)
+        return math.ceil(self.n / self.world)
 
     def __iter__(self):
-        seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        if self.n <= self.exact_limit:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
-            for i in range(0, self.n, self.batch_size):
-                yield perm[i : i + self.batch_size].tolist()
+        if self.n == 0:
             return
-        permute = FeistelPermutation(self.n, seed)
-        block = self.batch_size * max(1, 8192 // self.batch_size)  # a few thousand indices per computation
-        for start in range(0, self.n, block):
-            part = permute(torch.arange(start, min(start + block, self.n)))
-            for i in range(0, len(part), self.batch_size):
-                yield part[i : i + self.batch_size].tolist()
+        if self.seed is None:
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        else:
+            seed = self.seed + self.epoch
+        if self.n <= self.exact_limit:
+            permute = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)).__getitem__
+        else:
+            permute = FeistelPermutation(self.n, seed)
+        count = len(self)
+        for start in range(0, count, self.BLOCK):
+            positions = torch.arange(start, min(start + self.BLOCK, count)) * self.world + self.rank
+            yield from permute(positions % self.n).tolist()
 
 
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)  # splitmix64's, as signed int64
@@ -368,11 +395,13 @@ class CharDataModule(pl.LightningDataModule):
         if isinstance(ds, StreamDataset):
             # Order is the point of streams: one process, batches already formed.
             return DataLoader(ds, batch_size=None, num_workers=0)
-        workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=_as_batch)
-        if self._rank()[1] > 1:
-            # Lightning swaps in a DistributedSampler here, which needs the standard sampler to replace.
-            return DataLoader(ds, batch_size=self.batch_size, shuffle=True, **workers)
-        return DataLoader(ds, batch_sampler=ShuffledBatches(len(ds), self.batch_size), **workers)
+        rank, world = self._rank()
+        seed = None
+        if world > 1:  # one shuffle for all ranks: rank 0's seed (an unseeded run's ranks draw different ones)
+            seed = self.trainer.strategy.broadcast(int(torch.randint(1 << 62, ()).item()), src=0)
+        sampler = ShuffledWindows(len(ds), rank, world, seed)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, collate_fn=_as_batch)  # fmt: skip
 
     def test_dataset(self) -> WindowDataset:
         """Every test char predicted from the ``val_context`` chars before it (no subsample: scored once)."""
@@ -382,13 +411,15 @@ class CharDataModule(pl.LightningDataModule):
         return WindowDataset(self.test_ids, self.val_context, 1, "last")
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_dataset(), batch_size=self.val_batch_size, shuffle=False, collate_fn=_as_batch)
+        return self._scoring_loader(self.test_dataset())
 
     def val_dataloader(self) -> DataLoader:
-        ds = self.val_dataset()
+        return self._scoring_loader(self.val_dataset())
+
+    def _scoring_loader(self, ds: WindowDataset) -> DataLoader:
+        """In order; under DDP each rank scores its own share, every window once (a DistributedSampler would repeat
+        a few to even the shares out, and they would count twice in the loss the ranks sum)."""
         rank, world = self._rank()
-        # Under DDP each rank scores its own share, every window once (Lightning's DistributedSampler would repeat a
-        # few to even the shares out, and they would count twice in the validation loss the ranks sum)
         sampler = None
         if 1 < world <= len(ds):
             sampler = UnrepeatedDistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)

@@ -346,7 +346,10 @@ def progress_bar_shown(cfg: DictConfig) -> bool:
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any], **overrides: Any) -> pl.Trainer:
     plugins = [AtomicCheckpointIO(), *cluster.lightning_plugins(cfg.trainer)]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **overrides)
+    # The DataModule gives every DDP rank its own share itself (training shuffles without a list of every window;
+    # validation counts each window once), so Lightning must not swap in its DistributedSampler.
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
+                       use_distributed_sampler=False, **overrides)  # fmt: skip
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
