@@ -286,10 +286,10 @@ def test_reads_of_a_mapped_corpus_give_their_pages_back(tmp_path):
     assert torch.equal(dm.train_ids[:1000], torch.from_file(str(ids_file), size=1000, dtype=dm.train_ids.dtype))
 
     # Validation reads 4,096 windows spread over the validation half, training random windows (a single one maps a
-    # whole 2 MB page-cache block): every 256 windows read, what they mapped is given back.
+    # whole 2 MB page-cache block): every 64 windows read, what they mapped is given back.
     for loader in (dm.val_dataloader(), dm.train_dataloader()):
         whole.release()
-        every = math.ceil(256 / loader.batch_size)  # batches between unmaps
+        every = math.ceil(64 / loader.batch_size)  # batches between unmaps
         trace = [mapped_kb(ids_file) for _, _ in itertools.islice(loader, 12 * every)]
         low = [i for i, kb in enumerate(trace, 1) if kb < size_kb // 16]
         assert all(b - a <= every for a, b in itertools.pairwise([0, *low, len(trace)])), (every, trace)

@@ -39,7 +39,7 @@ class WindowDataset(Dataset):
             raise ConfigError(f"data.targets={targets!r} is not allowed; use 'last' or 'all'")
         self.ids, self.seq_len, self.stride, self.targets = ids, seq_len, stride, targets
         self._offsets = torch.arange(seq_len + 1)  # a window and its next char
-        self._pages = MappedPages(ids, every=256)  # a mapped corpus: unmap what every 256 windows read
+        self._pages = MappedPages(ids, every=64)  # a mapped corpus: unmap what every 64 windows read
 
     def __len__(self) -> int:
         return max(0, (len(self.ids) - self.seq_len - 1) // self.stride + 1)
