@@ -107,3 +107,30 @@ def test_generate_command_reads_the_plain_line_without_hydra(tmp_path):
     plain, hydra = run("length=7", "prompt=a, b"), run("length=7", "prompt=a, b", "hydra.verbose=false")
     assert plain[1] is False and hydra[1] is True
     assert "'length': 7" in plain[0] and plain[0] == hydra[0]
+
+
+@pytest.mark.parametrize("args", [["length=7"], ["length=7", "hydra.verbose=false"], ["lenght=7"]])
+def test_a_command_freezes_its_objects_out_of_the_final_collection_after_every_exit_handler(tmp_path, args):
+    """Python's teardown would collect garbage over every object torch and Lightning made (~1 s after a training
+    run); the entry point freezes them first, once every other exit handler has run (logs are flushed by then), and
+    whether the command succeeded or failed."""
+    (tmp_path / "task.py").write_text(
+        "import atexit, gc\n"
+        "def run(cfg):\n"  # a command's own exit handler (logging's, Lightning's): registered while it runs
+        "    atexit.register(lambda: print('frozen in the command:', gc.get_freeze_count() > 0, flush=True))\n"
+    )
+    code = (
+        "import atexit, gc\n"
+        # registered before the entry point: runs after its handler (exit handlers run last-in, first-out)
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0, flush=True))\n"
+        "from charlstm.cli import hydra_entry\n"
+        f"hydra_entry({str(CONFIG_DIR)!r}, 'generate', 'task:run', plain=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    if args == ["lenght=7"]:  # a failed command: its error line, and the same freeze at exit
+        assert done.returncode == 1 and done.stderr.startswith("error: "), done.stderr[-2000:]
+        assert done.stdout.splitlines() == ["frozen at exit: True"]
+        return
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["frozen in the command: False", "frozen at exit: True"]
