@@ -186,7 +186,7 @@ def main() -> None:
             results.append(row)
             print(json.dumps(row), flush=True)
     lines = [*[f"    {h}" for h in header], "",
-             "| corpus | recipe | run | runs | start-up (s) | wall (s) | peak RSS (MB) | anonymous, all processes (MB) |",
+             "| corpus | recipe | run | runs | start-up (s) | wall (s) | peak RSS (MB) | anonymous, all ranks (MB) |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in summarize(results):
         prep = f" (prepare {r['prepare_s']:.1f} s)" if r.get("prepare_s") is not None else ""

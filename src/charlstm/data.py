@@ -131,10 +131,7 @@ class ShuffledWindows(Sampler[int]):
     def __iter__(self):
         if self.n == 0:
             return
-        if self.seed is None:
-            seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        else:
-            seed = self.seed + self.epoch
+        seed = self.seed + self.epoch if self.seed is not None else int(torch.empty((), dtype=torch.int64).random_())
         if self.n <= self.exact_limit:
             permute = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)).__getitem__
         else:
