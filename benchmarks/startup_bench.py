@@ -41,6 +41,10 @@ def commands(ckpt: Path) -> dict[str, list[str]]:
     py = sys.executable
     return {
         'python -c "import torch"': [py, "-c", "import torch"],
+        # the floor again without Python's final garbage collection, which the commands skip (charlstm.cli)
+        'python -c "import torch" (final collection skipped)': [
+            py, "-c", "import atexit, gc, torch; atexit.register(gc.freeze)",
+        ],
         "python generate.py ckpt=X length=1": [py, str(ROOT / "generate.py"), f"ckpt={ckpt}", "length=1"],
         "python generate.py ckpt=X length=1 hydra.verbose=false (through Hydra)": [
             py, str(ROOT / "generate.py"), f"ckpt={ckpt}", "length=1", "hydra.verbose=false",

@@ -296,17 +296,22 @@ def test_reads_of_a_mapped_corpus_give_their_pages_back(tmp_path):
     assert max(trace) > size_kb // 4  # training's windows did map pages in between
 
 
-def test_unmapping_leaves_an_in_memory_corpus_alone():
+def test_unmapping_leaves_any_other_memory_alone(tmp_path):
     import pickle
 
     from charlstm.prepared import MappedPages
 
-    ids = torch.arange(1 << 20, dtype=torch.int32)
-    pages = MappedPages(ids, every=1)
-    pages.read()
-    assert pages._span is not None and pages._span[2] == 0  # looked up: not a file mapping
-    assert torch.equal(ids, torch.arange(1 << 20, dtype=torch.int32))
-    assert pickle.loads(pickle.dumps(pages))._span is None  # another process looks its mapping up again
+    in_memory = torch.arange(1 << 20, dtype=torch.int32)
+    other = tmp_path / "ids.u8"  # a mapped file, but not a prepared cache's: written to in place (copy on write)
+    other.write_bytes(bytes(1 << 20))
+    mapped = torch.from_file(str(other), shared=False, size=1 << 20, dtype=torch.uint8)
+    mapped += 1
+    for ids in (in_memory, mapped):
+        pages = MappedPages(ids, every=1)
+        pages.read()
+        assert pages._span is not None and pages._span[2] == 0  # looked up: not a prepared id file's map
+        assert pickle.loads(pickle.dumps(pages))._span is None  # another process looks its mapping up again
+    assert torch.equal(in_memory, torch.arange(1 << 20, dtype=torch.int32)) and bool((mapped == 1).all())
 
 
 def test_max_chars_keeps_the_vocabulary_of_the_slice(tmp_path, text_file):

@@ -194,8 +194,13 @@ class MappedPages:
             _madvise_dontneed(*span)
 
 
+# a prepared id file, as /proc/self/maps names it (the old file of a cache rebuilt since: "... (deleted)")
+_ID_FILE = re.compile(rf"/prepared/[^/]+/ids\.({'|'.join(ID_FILES)})( \(deleted\))?$")
+
+
 def _file_mapping(t: torch.Tensor) -> tuple[int, int]:
-    """(start, length) of the file mapping that holds ``t``'s storage, from /proc/self/maps; (0, 0) if none."""
+    """(start, length) of the prepared id file's mapping that holds ``t``'s storage (/proc/self/maps); (0, 0) if
+    none."""
     if t.numel() == 0:
         return 0, 0
     ptr = t.untyped_storage().data_ptr()
@@ -204,10 +209,9 @@ def _file_mapping(t: torch.Tensor) -> tuple[int, int]:
             for line in fh:
                 fields = line.split(maxsplit=5)
                 start, end = (int(x, 16) for x in fields[0].split("-"))
-                if start <= ptr < end:
-                    # a named file (not [heap], [stack] or an anonymous map); its inode is not 0
-                    named = len(fields) == 6 and fields[5].startswith("/") and fields[4] != "0"
-                    return (start, end - start) if named else (0, 0)
+                if start <= ptr < end:  # a prepared id file's map; any other memory is not ours to unmap
+                    ours = len(fields) == 6 and _ID_FILE.search(fields[5].rstrip("\n")) is not None
+                    return (start, end - start) if ours else (0, 0)
     except (OSError, ValueError):
         pass
     return 0, 0
