@@ -4,13 +4,20 @@ alone reports, logs and writes the checkpoints."""
 from __future__ import annotations
 
 import csv
+import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
 from charlstm import checkpoint
+from charlstm.checkpoint import build_net
+from charlstm.evaluate import score_batches, text_batches
 from tests import forkserver
 from tests.conftest import TINY
 
@@ -21,14 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ddp_cpu_trains_in_one_folder_and_writes_one_checkpoint_set(tmp_path, data_dir):
     cmd = [
         sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu", *TINY, "trainer.enable_progress_bar=false",
-        "sample.length=20", f"paths.outputs_root={tmp_path}", f"paths.data_dir={data_dir}",
+        "sample.length=20", "data.test_fraction=0.10025", "trainer.precision=32-true", f"paths.outputs_root={tmp_path}",
+        f"paths.data_dir={data_dir}",
     ]  # fmt: skip
     done = forkserver.run(cmd, ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "All distributed processes registered. Starting with 2 processes" in done.stdout
     assert done.stdout.count("run folder:") == 1  # the summary comes from rank 0 only
     assert not [line for line in done.stderr.splitlines() if line.startswith(("error", "Traceback"))]
-    assert "sync_dist" not in done.stderr  # the val/* logged are every rank's sums already (charlstm.logs)
+    assert "sync_dist" not in done.stderr  # the val/* and test/* logged are every rank's sums already (charlstm.logs)
 
     # the default run folder, outputs/<date>/<time>: rank 1 made no folder of its own
     folders = [p for p in tmp_path.glob("*/*") if p.is_dir()]
@@ -42,7 +50,20 @@ def test_ddp_cpu_trains_in_one_folder_and_writes_one_checkpoint_set(tmp_path, da
     assert last["global_step"] > 0 and last["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
     events = list(tmp_path.rglob("events.out.tfevents.*"))
-    assert [e.parent for e in events] == [run / "tensorboard"]  # one log, written by rank 0
+    assert {e.parent for e in events} == {run / "tensorboard"}  # one log, written by rank 0 (fit, then test)
+
+    # the held-out test text, split between the ranks, scores as one process scores it: every window once
+    dm = instantiate(OmegaConf.load(run / "config.yaml").data, _convert_="all")
+    dm.load()
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    net = build_net(checkpoint.load(best))
+    context = dm.val_context
+    total, count = score_batches(
+        net, text_batches(dm.test_ids.long(), context, 512), net.encoding, len(dm.vocab), "cpu"
+    )
+    assert count % 2 == 1  # shares of unequal size: a padding sampler would score one window twice
+    test_bpc = json.loads((run / "result.json").read_text())["metrics"]["test/bpc"]
+    assert abs(test_bpc - total / count / math.log(2)) < 1e-4
 
 
 @pytest.mark.slow

@@ -75,13 +75,13 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings(
         "ignore", message=r"Precision \S+-mixed is not supported by the model summary", module=r"pytorch_lightning\."
     )
-    # Under DDP: val/* are logged after CharLSTMModule sums the validation loss and char count of every rank (each
-    # scores its own share of the windows), so each rank logs the whole validation's numbers already; train/* are
+    # Under DDP: val/* and test/* are logged after CharLSTMModule sums the loss and char count of every rank (each
+    # scores its own share of the windows), so each rank logs the whole text's numbers already; train/* are
     # each rank's own batches, an unbiased sample of the same loss, and syncing them would add two collective calls
     # to every training step
     warnings.filterwarnings(
         "ignore",
-        message=r"It is recommended to use `self\.log\('(val|train)/\w+', \.\.\., sync_dist=True\)`",
+        message=r"It is recommended to use `self\.log\('(val|test|train)/\w+', \.\.\., sync_dist=True\)`",
         module=r"pytorch_lightning\.",
     )
     # oneDNN's note about TF32 on Intel GPUs, printed once on CPUs where it cannot apply
