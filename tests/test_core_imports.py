@@ -1,4 +1,5 @@
-"""The torch-only core (vocab, net, checkpoint, sampling, generate) imports neither Lightning nor the DataModule."""
+"""The torch-only core (vocab, net, checkpoint, sampling, generate; windows, prepared and evaluate, which eval.py
+scores a text with) imports neither Lightning nor the DataModule."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import sys
 
 import pytest
 
-CORE = ("charlstm.vocab", "charlstm.net", "charlstm.checkpoint", "charlstm.sampling", "charlstm.generate")
+CORE = ("charlstm.vocab", "charlstm.net", "charlstm.checkpoint", "charlstm.sampling", "charlstm.generate",
+        "charlstm.windows", "charlstm.prepared", "charlstm.evaluate")  # fmt: skip
 TRAINING_FLOOR = ("pytorch_lightning", "lightning_fabric", "lightning", "charlstm.data", "charlstm.model")
 
 

@@ -1,14 +1,10 @@
 import pytest
 import torch
 
-from charlstm.data import (
-    CharDataModule,
-    StreamDataset,
-    WindowDataset,
-    encode_inputs,
-    split_ids,
-)
+from charlstm.data import CharDataModule, split_ids
 from charlstm.errors import CorpusError
+from charlstm.net import encode_inputs
+from charlstm.windows import StreamDataset, WindowDataset
 
 IDS = torch.arange(20, dtype=torch.uint8)
 
@@ -133,7 +129,7 @@ def test_under_ddp_each_rank_validates_its_own_share_and_every_window_once(tmp_p
 def test_under_ddp_each_rank_trains_on_its_share_of_rank_zeros_shuffle(tmp_path, text_file):
     from types import SimpleNamespace
 
-    from charlstm.data import ShuffledWindows
+    from charlstm.windows import ShuffledWindows
 
     dm = CharDataModule(source="file", path=str(text_file("abcdefg" * 400)), data_dir=str(tmp_path), seq_len=5,
                         batch_size=8)  # fmt: skip
@@ -177,7 +173,7 @@ def test_extra_plays_add_training_text_only(tmp_path):
 def test_shuffled_windows_match_the_standard_shuffle_without_an_index_list():
     from torch.utils.data import BatchSampler, RandomSampler
 
-    from charlstm.data import ShuffledWindows
+    from charlstm.windows import ShuffledWindows
 
     torch.manual_seed(7)
     ours = list(BatchSampler(ShuffledWindows(103), 10, drop_last=False))
@@ -295,7 +291,7 @@ def test_validation_text_never_reaches_training(data, experiment, data_dir, tmp_
 
 @pytest.mark.parametrize("n", [1, 2, 7, 1000, 4099, 20_000])
 def test_a_big_corpus_is_shuffled_in_constant_memory_every_window_once(n):
-    from charlstm.data import ShuffledWindows
+    from charlstm.windows import ShuffledWindows
 
     torch.manual_seed(3)
     flat = list(ShuffledWindows(n, exact_limit=0))  # the path a corpus of millions of windows takes
@@ -311,7 +307,7 @@ def test_a_big_corpus_is_shuffled_in_constant_memory_every_window_once(n):
 @pytest.mark.parametrize("exact_limit", [1 << 24, 0])
 @pytest.mark.parametrize(("n", "world"), [(1000, 2), (1001, 3), (20_001, 4), (2, 3)])
 def test_ddp_ranks_share_one_shuffle_each_window_once_and_as_many_steps(n, world, exact_limit):
-    from charlstm.data import ShuffledWindows
+    from charlstm.windows import ShuffledWindows
 
     def shares(epoch: int, seed: int = 11) -> list[list[int]]:
         out = []

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 
 from charlstm import checkpoint
 from charlstm.checkpoint import build_net
-from charlstm.evaluate import score_batches, text_batches
+from charlstm.evaluate import dataset_batches, score_batches
+from charlstm.windows import WindowDataset
 from tests import forkserver
 from tests.conftest import TINY
 
@@ -58,7 +59,7 @@ def test_ddp_cpu_trains_in_one_folder_and_writes_one_checkpoint_set(tmp_path, da
     net = build_net(checkpoint.load(best))
     context = dm.val_context
     total, count = score_batches(
-        net, text_batches(dm.test_ids.long(), context, 512), net.encoding, len(dm.vocab), "cpu"
+        net, dataset_batches(WindowDataset(dm.test_ids, context), 512), net.encoding, len(dm.vocab), "cpu"
     )
     assert count % 2 == 1  # shares of unequal size: a padding sampler would score one window twice
     test_bpc = json.loads((run / "result.json").read_text())["metrics"]["test/bpc"]

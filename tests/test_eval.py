@@ -13,8 +13,9 @@ import torch
 from omegaconf import open_dict
 
 from charlstm.errors import ConfigError, VocabError
-from charlstm.evaluate import dataset_batches, evaluate, text_batches
+from charlstm.evaluate import dataset_batches, evaluate
 from charlstm.train import train
+from charlstm.windows import WindowDataset
 from tests import forkserver
 from tests.conftest import ROOT, TINY, compose_cfg
 
@@ -60,9 +61,9 @@ def eval_cfg(*overrides: str):
     return compose_cfg("eval", list(overrides))
 
 
-def test_text_batches_predict_every_char_from_the_chars_before_it():
+def test_a_texts_batches_predict_every_char_from_the_chars_before_it():
     ids = torch.arange(100, 111, dtype=torch.uint8)
-    batches = list(text_batches(ids, 3, 4))
+    batches = list(dataset_batches(WindowDataset(ids, 3), 4))  # how eval.py reads a text (data=...)
     assert [len(y) for _, y in batches] == [4, 4]
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])

@@ -135,14 +135,17 @@ def test_root_scripts_exist():
 
 def test_a_held_out_test_text_is_scored_once_on_the_best_checkpoint(make_cfg):
     from charlstm.checkpoint import build_net, load
-    from charlstm.evaluate import score_batches, text_batches
+    from charlstm.evaluate import dataset_batches, score_batches
+    from charlstm.windows import WindowDataset
 
     metrics, objects = train(make_cfg("data.test_fraction=0.1", "trainer.max_epochs=2", "trainer.precision=32-true",
                                       "data.val_context=20"))  # fmt: skip
     dm, trainer = objects["datamodule"], objects["trainer"]
     best = next(cb for cb in trainer.checkpoint_callbacks if getattr(cb, "best_model_path", ""))
     net = build_net(load(best.best_model_path))
-    total, count = score_batches(net, text_batches(dm.test_ids.long(), 20, 512), net.encoding, len(dm.vocab), "cpu")
+    total, count = score_batches(
+        net, dataset_batches(WindowDataset(dm.test_ids, 20), 512), net.encoding, len(dm.vocab), "cpu"
+    )
     assert count == len(dm.test_ids) - 20
     assert abs(metrics["test/bpc"] - total / count / math.log(2)) < 1e-4
     assert "val/bpc" in metrics and metrics["test/bpc"] != metrics["val/bpc"]

@@ -21,12 +21,9 @@ from charlstm import checkpoint
 from charlstm.config import TRAIN_RULES, Rule, check, check_missing
 from charlstm.errors import CharLSTMError, ConfigError, CorpusError, exit_on_error
 from charlstm.generate import pick_device, write_output
+from charlstm.net import encode_inputs
 from charlstm.vocab import CharVocab
-
-try:  # the input encoding sits beside the network once it lives in net.py
-    from charlstm.net import encode_inputs
-except ImportError:
-    from charlstm.data import encode_inputs
+from charlstm.windows import WindowDataset
 
 EVAL_RULES: dict[str, Rule] = {
     "unknown": ("choice", ("error", "skip"), "error or skip"),
@@ -71,14 +68,6 @@ def dataset_batches(dataset: Any, batch_size: int) -> Iterator[Batch]:
         else:
             xs, ys = zip(*(dataset[i] for i in indices), strict=True)
             yield torch.stack(xs), torch.stack(ys)
-
-
-def text_batches(ids: torch.Tensor, context: int, batch_size: int) -> Iterator[Batch]:
-    """Every char after the first ``context`` as a target, with the ``context`` chars before it as input."""
-    offsets = torch.arange(context)
-    for start in range(0, len(ids) - context, batch_size):
-        targets = torch.arange(start + context, min(start + batch_size + context, len(ids)))
-        yield ids[targets[:, None] - context + offsets].long(), ids[targets].long()
 
 
 @torch.no_grad()
@@ -172,7 +161,7 @@ def evaluate(cfg: DictConfig) -> Score:
                 f"{where} has {len(ids)} usable chars, too few to predict one from data.val_context={context} "
                 "chars before it; pass a longer text or a smaller data.val_context"
             )
-        batches = text_batches(ids, context, cfg.batch_size)
+        batches = dataset_batches(WindowDataset(ids, context), cfg.batch_size)  # every char after the first context
     total, count = score_batches(net, batches, hp["encoding"], len(hp["vocab"]), device)
     if count == 0:
         raise CorpusError(f"{where} has no char to score after its first {context}; pass a longer text")
