@@ -246,10 +246,14 @@ def summarize(sweep_dir: str | os.PathLike[str], metric: str = "val/bpc_best", d
     md = write_summary(sweep_dir, rows, metric, direction)
     ranked = _written[sweep_dir.resolve()]
     jobs = f"{len(ranked)} job" + ("" if len(ranked) == 1 else "s")
-    print(f"\nsweep summary ({jobs}, best {metric} first):\n{markdown_table(ranked, metric)}\n"
-          f"summary:      {md}  (also summary.csv, summary.png)\n"
-          f"tensorboard:  tensorboard --logdir {sweep_dir}", flush=True)  # fmt: skip
+    print("\n".join(console_lines(f"sweep summary ({jobs}, best {metric} first):", ranked, metric, md)), flush=True)
     return ranked
+
+
+def console_lines(heading: str, ranked: Sequence[dict[str, Any]], metric: str, md: Path) -> list[str]:
+    """What a finished sweep or search prints: its heading, the ranked table and where its files are."""
+    return ["\n" + heading, markdown_table(ranked, metric), f"summary:      {md}  (also summary.csv, summary.png)",
+            f"tensorboard:  tensorboard --logdir {md.parent}"]  # fmt: skip
 
 
 def failures_line(rows: Sequence[dict[str, Any]], sweep_dir: Path, failures: Sequence[str] = FAILURES) -> str | None:

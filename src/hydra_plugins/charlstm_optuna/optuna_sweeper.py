@@ -177,7 +177,7 @@ class CharLSTMOptunaSweeper(Sweeper):
         """The sweep summary (best trial first), the best trial as a command, Optuna's plots."""
         from charlstm import search
         from charlstm.errors import TrainingFailed
-        from charlstm.summary import markdown_table, rank_rows, write_summary
+        from charlstm.summary import console_lines, rank_rows, write_summary
 
         rows = search.summary_rows(study, sweep_dir)
         if not rows:
@@ -187,10 +187,8 @@ class CharLSTMOptunaSweeper(Sweeper):
         ranked = rank_rows(rows, metric, direction)
         states = [r["state"] for r in rows]
         counts = ", ".join(f"{states.count(s)} {s}" for s in ("complete", "pruned", "failed") if s in states)
-        lines = [f"\nstudy {study.study_name}: {len(rows)} trials ({counts}), best {metric} first:",
-                 markdown_table(ranked, metric),
-                 f"summary:      {md}  (also summary.csv, summary.png)",
-                 f"tensorboard:  tensorboard --logdir {sweep_dir}"]  # fmt: skip
+        lines = console_lines(f"study {study.study_name}: {len(rows)} trials ({counts}), best {metric} first:",
+                              ranked, metric, md)  # fmt: skip
         lines += [f"plot:         {line}" for line in search.write_plots(study, sweep_dir)]
         command = search.best_command(study, fixed)
         if command is None:
