@@ -23,39 +23,10 @@ import pytorch_lightning as pl
 import torch
 from benchlib import SHARED_NOTE, Samples, machine_line, quiet
 from hydra.utils import instantiate
-from train_bench import RESULTS, bench_curve, config, plain_steps, plot
+from train_bench import RESULTS, bench_curve, config, plain_steps, plot, project_steps
 
 PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}
-
-
-class _StepClock(pl.Callback):
-    """Wall and CPU seconds of the training batches after ``warmup`` (hooks, logging and optimizer step included)."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.wall, self.cpu, self.steps = warmup, None, 0.0, 0.0, 0
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if batch_idx == self.warmup:
-            self.start = time.perf_counter(), time.process_time()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if self.start is not None:
-            self.wall, self.cpu = time.perf_counter() - self.start[0], time.process_time() - self.start[1]
-            self.steps = batch_idx - self.warmup + 1
-
-
-def project_steps(cfg, module, datamodule, precision: str, steps: int, warmup: int) -> tuple[float, float]:
-    """(wall, CPU) seconds per step of the project's training: its Trainer settings (gradient clipping included),
-    callbacks and TensorBoard logger; only checkpoint saving and validation are left out of the timed steps."""
-    clock = _StepClock(warmup)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
-    callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.Checkpoint)]
-    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
-    quiet = {"enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
-    trainer = instantiate(cfg.trainer, precision=precision, max_steps=steps + warmup, max_time=None,
-                          limit_val_batches=0, callbacks=[*callbacks, clock], logger=loggers, **quiet)  # fmt: skip
-    trainer.fit(copy.deepcopy(module), datamodule=datamodule)
-    return clock.wall / clock.steps, clock.cpu / clock.steps
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 
 
 def bench_step(recipe: list[str], threads: int, steps: int, rounds: int, tmp: Path) -> dict:
@@ -68,7 +39,9 @@ def bench_step(recipe: list[str], threads: int, steps: int, rounds: int, tmp: Pa
                          layout=cfg.data.layout)  # fmt: skip
     clip = cfg.trainer.get("gradient_clip_val")
     runs = {
-        ("project", p): lambda p=p: project_steps(cfg, module, datamodule, PRECISIONS[p], steps, 5) for p in PRECISIONS
+        ("project", p): lambda p=p: project_steps(cfg, copy.deepcopy(module), datamodule, steps, 5,
+                                                  precision=PRECISIONS[p], max_time=None, **QUIET)
+        for p in PRECISIONS
     } | {
         ("plain", p): lambda p=p: plain_steps(copy.deepcopy(module), datamodule, steps, 5, p == "bf16", clip)
         for p in PRECISIONS

@@ -51,29 +51,34 @@ def machine() -> str:
 
 
 # --------------------------------------------------------------------------------------------- 1. overhead
-class _StepTimer(pl.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.end, self.steps = warmup, None, None, 0
+class StepClock(pl.Callback):
+    """Wall and CPU seconds of the training batches after ``warmup`` (hooks, logging and optimizer step included)."""
 
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.wall, self.cpu, self.steps = warmup, None, 0.0, 0.0, 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if batch_idx == self.warmup:
-            self.start = time.perf_counter()
+            self.start = time.perf_counter(), time.process_time()
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if batch_idx >= self.warmup:
-            self.end, self.steps = time.perf_counter(), batch_idx - self.warmup + 1
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.start is not None:
+            self.wall, self.cpu = time.perf_counter() - self.start[0], time.process_time() - self.start[1]
+            self.steps = batch_idx - self.warmup + 1
 
 
-def lightning_steps(cfg: DictConfig, module: pl.LightningModule, datamodule, steps: int, warmup: int) -> float:
-    """Seconds per step of the project's training (its trainer, callbacks and TensorBoard logger)."""
-    timer = _StepTimer(warmup)
+def project_steps(cfg: DictConfig, module: pl.LightningModule, datamodule, steps: int, warmup: int,
+                  **trainer_args) -> tuple[float, float]:  # fmt: skip
+    """(wall, CPU) seconds per step of the project's training: its Trainer settings (gradient clipping included),
+    callbacks and loggers, with ``trainer_args`` over them; checkpoint saving and validation are left out."""
+    clock = StepClock(warmup)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
     callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.Checkpoint)]  # no saving mid-timing
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
-    trainer = instantiate(cfg.trainer, max_steps=steps + warmup, limit_val_batches=0, callbacks=[*callbacks, timer],
-                          logger=loggers, enable_checkpointing=False)  # fmt: skip
+    trainer = instantiate(cfg.trainer, max_steps=steps + warmup, limit_val_batches=0, callbacks=[*callbacks, clock],
+                          logger=loggers, enable_checkpointing=False, **trainer_args)  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
-    return (timer.end - timer.start) / timer.steps
+    return clock.wall / clock.steps, clock.cpu / clock.steps
 
 
 def plain_steps(
@@ -115,7 +120,7 @@ def bench_overhead(steps: int, rounds: int, tmp: Path) -> dict:
     warmup = 5
     light, plain = [], []
     for _ in range(rounds):  # alternated, so drifts in machine load hit both
-        light.append(lightning_steps(cfg, copy.deepcopy(base), datamodule, steps, warmup))
+        light.append(project_steps(cfg, copy.deepcopy(base), datamodule, steps, warmup)[0])
         plain.append(plain_steps(copy.deepcopy(base), datamodule, steps, warmup)[0])
     lm, pm = statistics.median(light), statistics.median(plain)
     return {
