@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from charlstm import corpus
-from charlstm.corpus import CorpusError, corpus_file, fetch_url, markdown_to_text, play_text, read_text_file
+from charlstm.corpus import CorpusError, check_file, corpus_file, fetch_url, markdown_to_text, play_text
 from charlstm.errors import CharLSTMError
 from charlstm.train import train
 
@@ -23,7 +23,7 @@ from charlstm.train import train
 
 def test_missing_file(tmp_path):
     with pytest.raises(CorpusError) as info:
-        read_text_file(tmp_path / "nope.txt")
+        check_file(tmp_path / "nope.txt")
     assert str(info.value) == (
         f"corpus file {tmp_path / 'nope.txt'} does not exist; set data.path to an existing UTF-8 text file"
     )
@@ -31,34 +31,15 @@ def test_missing_file(tmp_path):
 
 def test_directory(tmp_path):
     with pytest.raises(CorpusError) as info:
-        read_text_file(tmp_path)
+        check_file(tmp_path)
     assert str(info.value) == f"corpus path {tmp_path} is a directory; set data.path to a text file inside it"
 
 
 def test_empty_file(text_file):
     path = text_file(b"")
     with pytest.raises(CorpusError) as info:
-        read_text_file(path)
+        check_file(path)
     assert str(info.value) == f"corpus file {path} is empty; point data.path at a file with text in it"
-
-
-def test_undecodable_byte_is_named_with_its_offset(text_file):
-    path = text_file("naïve text ".encode() + b"\xff\xfe more")
-    with pytest.raises(CorpusError) as info:
-        read_text_file(path)
-    assert str(info.value) == (
-        f"corpus file {path} is not valid UTF-8: byte 0xff at offset 12 cannot be decoded; "
-        "convert the file to UTF-8 or set data.errors=replace"
-    )
-
-
-def test_replace_turns_bad_bytes_into_the_replacement_char(text_file):
-    path = text_file(b"ab\xffcd")
-    assert read_text_file(path, errors="replace") == "ab\ufffdcd"
-
-
-def test_bom_and_windows_line_ends_are_normalised(text_file):
-    assert read_text_file(text_file("\ufeffone\r\ntwo\r\n".encode())) == "one\ntwo\n"
 
 
 def test_file_source_needs_a_path():

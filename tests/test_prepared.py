@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlstm.corpus import decode_text
 from charlstm.data import CharDataModule
 from charlstm.errors import CorpusError, VocabError
 from charlstm.prepared import iter_text, prepare
@@ -35,8 +34,8 @@ DATA = TEXT.encode("utf-8")
 
 
 def expected_ids(data: bytes, lowercase: bool, errors: str = "strict") -> tuple[CharVocab, torch.Tensor]:
-    """What reading the whole file at once gives (the path the prepared cache replaces)."""
-    text = decode_text(data, "corpus", errors)
+    """What decoding the whole file at once gives: UTF-8 without its BOM, CRLF as LF (the reference)."""
+    text = data.decode("utf-8", errors=errors).removeprefix("\ufeff").replace("\r\n", "\n")
     if lowercase:
         text = text.lower()
     vocab = CharVocab.from_text(text)

@@ -68,19 +68,6 @@ def check_errors(errors: str) -> None:
         raise CorpusError(f"data.errors={errors!r} is not allowed; use 'strict' or 'replace'")
 
 
-def decode_text(data: bytes, where: str, errors: str = "strict") -> str:
-    """UTF-8 text from bytes; an undecodable byte is an error naming its offset unless ``errors='replace'``."""
-    check_errors(errors)
-    try:
-        text = data.decode("utf-8", errors=errors)
-    except UnicodeDecodeError as err:
-        raise CorpusError(
-            f"{where} is not valid UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} cannot be decoded; "
-            "convert the file to UTF-8 or set data.errors=replace"
-        ) from None
-    return text.removeprefix("\ufeff").replace("\r\n", "\n")
-
-
 def check_file(path: str | os.PathLike[str]) -> Path:
     """The corpus file ``path``, which must exist, be a readable file and hold something."""
     p = Path(path).expanduser()
@@ -96,15 +83,6 @@ def check_file(path: str | os.PathLike[str]) -> Path:
     if empty:
         raise CorpusError(f"corpus file {p} is empty; point data.path at a file with text in it")
     return p
-
-
-def read_text_file(path: str | os.PathLike[str], errors: str = "strict") -> str:
-    p = check_file(path)
-    try:
-        data = p.read_bytes()
-    except OSError as err:
-        raise CorpusError(f"corpus file {p} cannot be read ({err.strerror}); check its permissions") from None
-    return decode_text(data, f"corpus file {p}", errors)
 
 
 def play_file(name: str, data_dir: str | os.PathLike[str]) -> tuple[Path, str]:
