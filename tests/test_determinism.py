@@ -45,3 +45,12 @@ def test_same_seed_same_losses_and_weights(make_cfg, tmp_path, layout):
 
     losses_c, _, _ = run(make_cfg, tmp_path, "c", "seed=8", *extra)
     assert losses_c != losses_a  # the seed is what made them equal
+
+
+def test_loader_workers_read_the_same_batches_as_the_main_process(make_cfg, tmp_path):
+    """data.num_workers=2: windows gathered by two worker processes (from the mapped corpus), in the order the main
+    process's shuffle gives: the same seeded run, step by step."""
+    losses_a, metrics_a, _ = run(make_cfg, tmp_path, "a", "seed=7")
+    losses_b, metrics_b, _ = run(make_cfg, tmp_path, "b", "seed=7", "data.num_workers=2")
+    assert len(losses_a) > 10 and losses_a == losses_b
+    assert metrics_a["val/loss"] == metrics_b["val/loss"]

@@ -237,8 +237,10 @@ class CharDataModule(pl.LightningDataModule):
         if world > 1:  # one shuffle for all ranks: rank 0's seed (an unseeded run's ranks draw different ones)
             seed = self.trainer.strategy.broadcast(int(torch.randint(1 << 62, ()).item()), src=0)
         sampler = ShuffledWindows(len(ds), rank, world, seed)
+        # Workers start again each epoch (not persistent): a new iterator draws from torch's RNG as the main process's
+        # does, so the epoch's shuffle, and the run, are the same with or without workers (tested).
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, collate_fn=_as_batch)  # fmt: skip
+                          collate_fn=_as_batch)  # fmt: skip
 
     def test_dataset(self) -> WindowDataset:
         """Every test char predicted from the ``val_context`` chars before it (no subsample: scored once)."""
