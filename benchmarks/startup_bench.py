@@ -45,6 +45,11 @@ def commands(ckpt: Path) -> dict[str, list[str]]:
         'python -c "import torch" (final collection skipped)': [
             py, "-c", "import atexit, gc, torch; atexit.register(gc.freeze)",
         ],
+        # what a training command imports, with and without that collection
+        'python -c "import pytorch_lightning"': [py, "-c", "import pytorch_lightning"],
+        'python -c "import pytorch_lightning" (final collection skipped)': [
+            py, "-c", "import atexit, gc, pytorch_lightning; atexit.register(gc.freeze)",
+        ],
         "python generate.py ckpt=X length=1": [py, str(ROOT / "generate.py"), f"ckpt={ckpt}", "length=1"],
         "python generate.py ckpt=X length=1 hydra.verbose=false (through Hydra)": [
             py, str(ROOT / "generate.py"), f"ckpt={ckpt}", "length=1", "hydra.verbose=false",

@@ -111,7 +111,7 @@ def test_generate_command_reads_the_plain_line_without_hydra(tmp_path):
 
 @pytest.mark.parametrize("args", [["length=7"], ["length=7", "hydra.verbose=false"], ["lenght=7"]])
 def test_a_command_freezes_its_objects_out_of_the_final_collection_after_every_exit_handler(tmp_path, args):
-    """Python's teardown would collect garbage over every object torch and Lightning made (~1 s after a training
+    """Python's teardown would collect garbage over every object torch and Lightning made (0.8 s after a training
     run); the entry point freezes them first, once every other exit handler has run (logs are flushed by then), and
     whether the command succeeded or failed."""
     (tmp_path / "task.py").write_text(

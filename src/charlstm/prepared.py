@@ -182,6 +182,11 @@ class MappedPages:
             self._span = (pid, *_file_mapping(self.ids))
         return self._span[1:] if self._span[2] else None
 
+    @property
+    def mapped(self) -> bool:
+        """Whether the ids lie in a prepared id file's map (in this process)."""
+        return self._mapping() is not None
+
     def read(self, n: int = 1) -> None:
         self.count += n
         if self.count >= self.every:

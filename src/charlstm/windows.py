@@ -41,7 +41,7 @@ class WindowDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> Batch:
         every = self._pages.every
-        if len(indices) > every:  # a big batch (validation's): gathered in parts, unmapping as it goes
+        if len(indices) > every and self._pages.mapped:  # a big batch (validation's) from a map: in parts, unmapping
             parts = [self.__getitems__(indices[i : i + every]) for i in range(0, len(indices), every)]
             return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
         starts = torch.as_tensor(indices, dtype=torch.long) * self.stride
