@@ -229,7 +229,7 @@ def test_callback_samples_after_each_validation_but_not_the_sanity_check(run):
 def test_callback_writes_tensorboard_text(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = next((run["root"] / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    events = next((run["root"] / "run").glob("events.out.tfevents.*"))
     acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
     acc.Reload()
     logged = acc.Tensors("samples/text/text_summary")

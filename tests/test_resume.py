@@ -109,15 +109,15 @@ def test_resume_after_a_crash_continues_in_the_same_run_folder_and_tensorboard_l
         train(cfg)
     run = tmp_path / "run"
     assert checkpoint.load(run / "checkpoints" / "last.ckpt")["global_step"] == 30
-    assert max(scalars(run / "tensorboard", "train/loss_step")) > 30
+    assert max(scalars(run, "train/loss")) > 30
 
     _, objects = train(make_cfg(*base, "trainer.max_epochs=2", "ckpt_path=last"))
     assert objects["output_dir"] == run
-    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoints", "tensorboard"]
-    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one log, two sessions
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoints"]
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2  # one log, two sessions
     # the steps logged after the checkpoint by the first session are hidden: one curve, every step once
-    steps = scalars(run / "tensorboard", "train/loss_step")
-    assert steps == list(range(objects["trainer"].global_step))
+    steps = scalars(run, "train/loss")  # at the steps done: 1, 2, ...
+    assert steps == list(range(1, objects["trainer"].global_step + 1))
     assert (run / "config.yaml").is_file() and (run / "config-resume-1.yaml").is_file()
     assert OmegaConf.load(run / "config-resume-1.yaml").ckpt_path == "last"
 

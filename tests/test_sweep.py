@@ -55,7 +55,7 @@ def test_a_sweep_names_its_job_folders_and_writes_a_ranked_summary(tmp_path, dat
         ckpt = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
         assert ckpt["hyper_parameters"]["units"] == units
         assert (job / "config.yaml").is_file()
-        hp = session_hparams(job / "tensorboard")
+        hp = session_hparams(job)
         assert hp["model.units"] == units
         assert hp["data.seq_len"] == 20 and hp["data.batch_size"] == 32 and hp["trainer.max_steps"] == 6
         result = json.loads((job / "result.json").read_text())
@@ -110,7 +110,7 @@ def test_two_runs_started_together_get_a_folder_each(tmp_path, data_dir):
         saved = OmegaConf.load(tmp_path / run / "config.yaml")
         ckpt = torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
         assert ckpt["hyper_parameters"]["units"] == saved.model.units
-        assert len(list((tmp_path / run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+        assert len(list((tmp_path / run).glob("events.out.tfevents.*"))) == 1
         units.add(saved.model.units)
     assert units == {8, 12}
 

@@ -1,4 +1,5 @@
-"""TensorBoard dashboards, read back from the event files: HParams, train/bpc, one lr curve, custom scalars."""
+"""TensorBoard dashboards, read back from the event files with TensorBoard's own readers: HParams, the README's
+tags, one lr curve, custom scalars, validation points at the console's steps, runs named by their folders."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import torch
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as scalars_metadata
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
-from charlstm.callbacks import ConfigHParams, LearningRate, flatten_config
+from charlstm.callbacks import LEADING_HPARAMS, ConfigHParams, LearningRate, flatten_config
+from charlstm.progress import ValidationLog
 from charlstm.train import train
 from tests import forkserver
 from tests.conftest import ROOT, TINY, compose_cfg
@@ -40,6 +43,18 @@ def hparams_summaries(logdir: Path, tag: str) -> list[bytes]:
     return found
 
 
+def experiment(logdir: Path):
+    (content,) = hparams_summaries(logdir, hp_metadata.EXPERIMENT_TAG)
+    return hp_metadata.parse_experiment_plugin_data(content)
+
+
+def run_names(logdir: Path) -> list[str]:
+    """The runs TensorBoard lists for ``tensorboard --logdir logdir``."""
+    multiplexer = EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    return sorted(multiplexer.Runs())
+
+
 def session_hparams(logdir: Path) -> dict[str, object]:
     starts = hparams_summaries(logdir, hp_metadata.SESSION_START_INFO_TAG)
     assert len(starts) == 1, f"{len(starts)} HParams entries in one run"
@@ -60,8 +75,9 @@ def run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
         cfg.paths.outputs_root = str(root)
         cfg.paths.data_dir = str(data_dir)
     metrics, objects = train(cfg)
-    logdir = root / "run" / "tensorboard"
-    return SimpleNamespace(metrics=metrics, logdir=logdir, acc=events(logdir), model=objects["model"])
+    logdir = root / "run"
+    return SimpleNamespace(metrics=metrics, logdir=logdir, acc=events(logdir), model=objects["model"], root=root,
+                           objects=objects)  # fmt: skip
 
 
 def test_hparams_hold_the_whole_flattened_config(run):
@@ -79,10 +95,27 @@ def test_hparams_hold_the_whole_flattened_config(run):
     assert not any(k.endswith("_target_") for k in hp)
 
 
+def test_hparams_open_with_the_keys_users_compare(run):
+    exp = experiment(run.logdir)
+    names = [info.name for info in exp.hparam_infos]
+    leading = [k for k in LEADING_HPARAMS if k in names]  # no `experiment` outside a Hydra run
+    assert leading == ["model.units", "model.layers", "model.lr", "data.seq_len", "data.batch_size"]
+    assert names[: len(leading)] == leading
+    assert [info.name for info in exp.hparam_infos if info.differs] == leading
+    assert len(names) > 40 and "callbacks.early_stopping.patience" in names  # the whole config stays
+    # TensorBoard's hparams plugin serves the experiment sorted by (not differs, name): these lead its table
+    from tensorboard.plugins.hparams.backend_context import _sort_and_reduce_to_hparams_limit
+
+    _sort_and_reduce_to_hparams_limit(exp)
+    assert [info.name for info in exp.hparam_infos][: len(leading)] == sorted(leading)
+
+
+def test_the_run_is_listed_by_its_run_folders_name(run):
+    assert run_names(run.root) == ["run"]
+
+
 def test_hparams_metrics_are_the_runs_own_and_no_placeholder(run):
-    experiments = hparams_summaries(run.logdir, hp_metadata.EXPERIMENT_TAG)
-    assert len(experiments) == 1
-    exp = hp_metadata.parse_experiment_plugin_data(experiments[0])
+    exp = experiment(run.logdir)
     assert [m.name.tag for m in exp.metric_infos] == ["hp/val_bpc_best", "hp/val_bpc", "hp/train_seconds"]
     tags = run.acc.Tags()["scalars"]
     assert "hp_metric" not in tags
@@ -92,16 +125,61 @@ def test_hparams_metrics_are_the_runs_own_and_no_placeholder(run):
     assert len(run.acc.Scalars("hp/val_bpc")) == 2  # one per validation
     seconds = [s.value for s in run.acc.Scalars("hp/train_seconds")]
     assert 0 < seconds[0] <= seconds[-1] < 300
+    # the run's one training time (validation excluded): the model's clock, as result.json and the console say
+    assert seconds[-1] == pytest.approx(run.model.train_seconds(), rel=1e-6)
     assert hparams_summaries(run.logdir, hp_metadata.SESSION_END_INFO_TAG)
 
 
 def test_train_bpc_is_train_loss_in_bits(run):
-    loss = {s.step: s.value for s in run.acc.Scalars("train/loss_step")}
-    bpc = {s.step: s.value for s in run.acc.Scalars("train/bpc_step")}
+    loss = {s.step: s.value for s in run.acc.Scalars("train/loss")}
+    bpc = {s.step: s.value for s in run.acc.Scalars("train/bpc")}
     assert loss and loss.keys() == bpc.keys()
     for step, value in loss.items():
         assert bpc[step] == pytest.approx(value / math.log(2), rel=1e-5)
-    assert "train/bpc_epoch" in run.acc.Tags()["scalars"]
+
+
+def test_the_readmes_tensorboard_tags_are_the_event_files_tags(run):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    paragraph = readme[readme.index("**TensorBoard**") :].split("\n\n")[0]
+    listing = next(line for line in readme.splitlines() if line.startswith("events.out.tfevents.*"))
+    named = set(re.findall(r"`((?:train|val|hp)/[a-z_]+)`", paragraph)) | set(
+        re.findall(r"\b(?:train|val)/[a-z_]+", listing)
+    )
+    assert {"train/loss", "train/bpc", "val/bpc", "train/lr", "hp/train_seconds"} <= named
+    tags = set(run.acc.Tags()["scalars"])
+    assert named <= tags, f"README names {sorted(named - tags)}, the event file has {sorted(tags)}"
+    assert not [t for t in tags if t.endswith(("_step", "_epoch"))]
+
+
+def test_validation_points_sit_at_the_steps_the_console_prints(run):
+    history = next(cb.history for cb in run.objects["callbacks"] if isinstance(cb, ValidationLog))
+    console = [step for step, _ in history]
+    assert len(console) == 2 and console[-1] == run.objects["trainer"].global_step
+    for tag in ("val/bpc", "val/loss", "hp/val_bpc"):
+        assert [s.step for s in run.acc.Scalars(tag)] == console, tag
+    epochs = [s.step for s in run.acc.Scalars("epoch")]
+    assert epochs == console  # once per validation, not twice
+    train_steps = [s.step for s in run.acc.Scalars("train/loss")]
+    assert train_steps[0] == 5 and console[-1] in train_steps  # every 5 steps done, the last one included
+
+
+def test_the_time_schedule_draws_one_learning_rate_curve(make_cfg, tmp_path):
+    # trainer.max_time drives warm-up and cosine decay; two parameter groups (decay / no decay) share the schedule
+    cfg = make_cfg(*QUIET, "model.scheduler=cosine", "model.warmup_fraction=0.2", "model.min_lr_ratio=0.05",
+                   "model.weight_decay=0.01", "trainer.max_time=00:00:00:03", "trainer.max_epochs=-1",
+                   "trainer.max_steps=-1", "trainer.limit_val_batches=0", "callbacks.early_stopping=null",
+                   "trainer.log_every_n_steps=1")  # fmt: skip
+    _, objects = train(cfg)
+    assert len(objects["trainer"].optimizers[0].param_groups) == 2
+    acc = events(tmp_path / "run")
+    assert [t for t in acc.Tags()["scalars"] if "lr" in t] == ["train/lr"]
+    values = [s.value for s in acc.Scalars("train/lr")]
+    peak = values.index(max(values))
+    assert len(values) > 20 and 0 < peak < len(values) - 1
+    assert max(values) == pytest.approx(1e-3, rel=0.02) and max(values) <= 1e-3
+    assert values[0] < 0.5e-3 and values[: peak + 1] == sorted(values[: peak + 1])  # warm-up
+    assert values[peak:] == sorted(values[peak:], reverse=True)  # cosine decay ...
+    assert 0.05e-3 * (1 - 1e-6) <= values[-1] < 0.2e-3  # ... to 0.05 x the peak at the budget's end
 
 
 def test_one_learning_rate_curve_per_optimizer(run):
@@ -129,7 +207,7 @@ def test_custom_scalars_put_train_and_validation_bpc_on_one_chart(run):
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
     tags = run.acc.Tags()["scalars"]
     drawn = sorted(t for t in tags if any(re.search(p, t) for p in charts["bits/char"]))
-    assert drawn == ["train/bpc_epoch", "train/bpc_step", "val/bpc", "val/bpc_best"]
+    assert drawn == ["train/bpc", "val/bpc", "val/bpc_best"]
     assert any(re.search(p, "train/lr") for p in charts["learning rate"])
 
 
@@ -150,13 +228,15 @@ def test_every_sweep_job_has_its_config_and_experiment_in_hparams(tmp_path, data
            f"paths.data_dir={data_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
     proc = forkserver.run(cmd, ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    logdirs = sorted((tmp_path / "sweep").glob("*/tensorboard"))
-    assert len(logdirs) == 2
+    logdirs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert run_names(tmp_path / "sweep") == ["0_model.units=8", "1_model.units=12"]  # the job folders
     seen = []
     for logdir in logdirs:
         hp = session_hparams(logdir)
         assert hp["data.seq_len"] == 20 and hp["data.batch_size"] == 32 and hp["trainer.max_steps"] == 30
         assert hp["experiment"] == "seed"
+        leading = [info.name for info in experiment(logdir).hparam_infos][:3]
+        assert leading == ["model.units", "experiment", "model.layers"]  # the swept key, then the usual ones
         seen.append(hp["model.units"])
         assert "hp/val_bpc_best" in events(logdir).Tags()["scalars"]
     assert sorted(seen) == [8, 12]
@@ -164,7 +244,7 @@ def test_every_sweep_job_has_its_config_and_experiment_in_hparams(tmp_path, data
 
 def test_a_resumed_run_keeps_one_entry_and_its_training_time(make_cfg, tmp_path):
     first, _ = train(make_cfg(*QUIET))
-    logdir = tmp_path / "run" / "tensorboard"
+    logdir = tmp_path / "run"
     before = events(logdir).Scalars("hp/train_seconds")[-1].value
     resumed, _ = train(make_cfg(*QUIET, "trainer.max_epochs=2", "ckpt_path=last"))
     assert len(list(logdir.glob("events.out.tfevents.*"))) == 2

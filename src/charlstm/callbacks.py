@@ -5,7 +5,6 @@ TensorBoard's HParams, Scalars and Custom Scalars tabs read well."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -159,22 +158,66 @@ def hydra_choices() -> dict[str, str]:
     return {k: str(v) for k, v in choices.items() if v is not None and not k.startswith("hydra/")}
 
 
+# The HParams columns users compare, shown first (with the keys the command line sets, e.g. a sweep's)
+LEADING_HPARAMS = ("experiment", "model.units", "model.layers", "model.lr", "data.seq_len", "data.batch_size")
+
+
+def command_line_keys() -> list[str]:
+    """The config keys this Hydra job's command line sets, a sweep job's swept keys only; empty outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return []
+        overrides = list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return []
+    from charlstm.rundir import override_key, swept_overrides
+
+    return [override_key(o) for o in swept_overrides(overrides)]
+
+
+def lead_with(experiment: Any, keys: list[str]) -> None:
+    """Put ``keys`` (and the keys under them) first in an HParams experiment summary, marked ``differs``.
+
+    TensorBoard's hparams plugin lists an experiment's hparams sorted by (not ``differs``, name) and shows the first
+    ones as the table's columns; without a mark the alphabetical order opens with ``callbacks.*``. The rest stays
+    available, alphabetically after them."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    value = experiment.value[0]
+    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    infos = list(data.experiment.hparam_infos)
+
+    def rank(name: str) -> int:
+        return next((i for i, k in enumerate(keys) if name == k or name.startswith(k + ".")), len(keys))
+
+    infos.sort(key=lambda info: rank(info.name))
+    for info in infos:
+        info.differs = rank(info.name) < len(keys)
+    del data.experiment.hparam_infos[:]
+    data.experiment.hparam_infos.extend(infos)
+    value.metadata.plugin_data.content = data.SerializeToString()
+
+
 class ConfigHParams(Callback):
     """The whole resolved run config, flattened, in TensorBoard's HParams tab, one entry per run, with the run's
-    ``hp/val_bpc_best``, ``hp/val_bpc`` (the latest validation) and ``hp/train_seconds`` as its metrics.
+    ``hp/val_bpc_best``, ``hp/val_bpc`` (the latest validation) and ``hp/train_seconds`` (the model's training time,
+    validation excluded) as its metrics.
 
     The entry is written when training starts (so a running or interrupted run is listed too) and its metrics are
-    scalars updated at every validation and at the end. A run resumed in its own folder keeps the entry it started
-    with (TensorBoard would show the first one anyway) and its training time carries over. ``train()`` hands over
-    the config (``config``); without it the model's hyperparameters are used, under ``model.``.
+    scalars updated at every validation and at the end. Its first columns are :data:`LEADING_HPARAMS` and the keys
+    the command line set (a sweep's swept keys). A run resumed in its own folder keeps the entry it started with
+    (TensorBoard would show the first one anyway) and its training time carries over (in the checkpoint).
+    ``train()`` hands over the config (``config``); without it the model's hyperparameters are used, under
+    ``model.``.
     """
 
     METRICS = ("hp/val_bpc_best", "hp/val_bpc", "hp/train_seconds")
 
     def __init__(self, config: DictConfig | dict[str, Any] | None = None) -> None:
         self.config = config
-        self._seconds_before = 0.0  # training time of the runs this one resumes
-        self._started: float | None = None
+        self._training = False
 
     def params(self, pl_module: pl.LightningModule) -> dict[str, str | int | float]:
         if self.config is not None:
@@ -190,8 +233,10 @@ class ConfigHParams(Callback):
             flat["vocab_size"] = len(pl_module.hparams["vocab"])
         return flat
 
-    def seconds(self) -> float:
-        return self._seconds_before + (time.monotonic() - self._started if self._started is not None else 0.0)
+    def leading(self) -> list[str]:
+        """The hparams TensorBoard shows first: the command line's keys, then :data:`LEADING_HPARAMS`."""
+        keys = command_line_keys()
+        return keys + [k for k in LEADING_HPARAMS if k not in keys]
 
     @staticmethod
     def resumes_in_place(logger: TensorBoardLogger) -> bool:
@@ -201,48 +246,42 @@ class ConfigHParams(Callback):
         return any(p.name != own for p in Path(writer.get_logdir()).glob("events.out.tfevents.*"))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._started = time.monotonic()
+        self._training = True
         loggers = [lg for lg in _tensorboards(trainer) if not self.resumes_in_place(lg)]
         if not loggers:
             return
         from torch.utils.tensorboard.summary import hparams
 
         experiment, start, _ = hparams(self.params(pl_module), dict.fromkeys(self.METRICS, 0.0))
+        lead_with(experiment, self.leading())
         for logger in loggers:
             writer = logger.experiment._get_file_writer()
             writer.add_summary(experiment)
             writer.add_summary(start)
 
-    def _log(self, trainer: pl.Trainer, with_val: bool) -> None:
-        metrics = {"hp/train_seconds": self.seconds()}
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, with_val: bool) -> None:
+        metrics = {"hp/train_seconds": pl_module.train_seconds()}
         found = trainer.callback_metrics
         if with_val:
             for name, key in (("hp/val_bpc", "val/bpc"), ("hp/val_bpc_best", "val/bpc_best")):
                 if key in found:
                     metrics[name] = float(found[key])
-        # the step Lightning logs val/* at (as its own LearningRateMonitor does), so a resume's purge_step keeps them
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = trainer.global_step  # where val/* are: the steps done
         for logger in _tensorboards(trainer):
             logger.log_metrics(metrics, step=step)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking and self._started is not None:
-            self._log(trainer, with_val=True)
+        if not trainer.sanity_checking and self._training:
+            self._log(trainer, pl_module, with_val=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(trainer, with_val=False)
+        self._log(trainer, pl_module, with_val=False)
         from torch.utils.tensorboard.summary import hparams
 
         _, _, end = hparams({}, {})
         for logger in _tensorboards(trainer):
             logger.experiment._get_file_writer().add_summary(end)
             logger.experiment.flush()
-
-    def state_dict(self) -> dict[str, float]:
-        return {"train_seconds": self.seconds()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._seconds_before = float(state_dict.get("train_seconds", 0.0))
 
 
 class LearningRate(Callback):

@@ -66,7 +66,8 @@ class CharLSTMModule(pl.LightningModule):
         self.register_buffer("best_val_loss", torch.tensor(float("inf")))
         self._val_sum = torch.zeros(())
         self._val_count = torch.zeros(())
-        self.clock: TrainClock | None = None  # set when trainer.max_time bounds the run (time schedule)
+        # training seconds (validation excluded): the run's one training time, and the time schedule's clock
+        self.clock = TrainClock(None)
 
     def forward(self, x: torch.Tensor, state: State | None = None, last_only: bool = False):
         return self.net(x, state, last_only)
@@ -97,9 +98,17 @@ class CharLSTMModule(pl.LightningModule):
                 f"training loss became {loss.item()} at step {self.global_step}; the last good checkpoint is kept. "
                 "Lower model.lr or set trainer.gradient_clip_val"
             )
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.numel())
-        self.log("train/bpc", loss.detach() / LN2, on_step=True, on_epoch=True, batch_size=y.numel())
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=y.numel())
+        self.log("train/bpc", loss.detach() / LN2, on_step=True, on_epoch=False, batch_size=y.numel())
+        # Lightning's logging step for this batch's points (its own counts from 0): the steps done, as the console
+        # counts them, so the validation after step 10 sits at 10 beside it (`step` is Lightning's x-axis metric)
+        self.log("step", float(self.global_step + 1), on_step=True, on_epoch=False, batch_size=1)
         return loss
+
+    def train_seconds(self) -> float:
+        """The run's training time: seconds in training batches, validation excluded, summed over resumes. The
+        console, TensorBoard's hp/train_seconds, result.json and a sweep's summary all report this."""
+        return self.clock.elapsed()
 
     # -- validation: every char from the seq_len chars before it --------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -130,6 +139,10 @@ class CharLSTMModule(pl.LightningModule):
                 "val/ppl": torch.exp(loss),
                 "val/loss_best": self.best_val_loss.clone(),
                 "val/bpc_best": self.best_val_loss / LN2,
+                # at the steps done, the step the console prints (Lightning's own step is one less), with the epoch
+                # once (a `step` given, Lightning adds none)
+                "step": float(self.global_step),
+                "epoch": float(self.current_epoch),
             },
             prog_bar=False,
         )
@@ -171,13 +184,11 @@ class CharLSTMModule(pl.LightningModule):
             budget = self._time_budget()
             if budget is not None:
                 # A time budget: warm-up and decay follow training seconds, so any machine ends at the floor.
-                self.clock = self.clock or TrainClock(budget)
-                self.clock.budget = budget
+                self.clock.set_budget(budget)
                 # max_steps / max_epochs may still end the run first: the schedule follows whichever is nearer.
                 total = float(self.trainer.estimated_stepping_batches)
-                warm, warm_steps = hp.warmup_fraction, hp.warmup_steps
                 sched = torch.optim.lr_scheduler.LambdaLR(
-                    opt, lambda step: self.clock.factor(warm, floor, cosine, step, warm_steps, total)
+                    opt, self.clock.schedule(hp.warmup_fraction, floor, cosine, hp.warmup_steps, total)
                 )
             else:
                 if not math.isfinite(self.trainer.estimated_stepping_batches):
@@ -238,31 +249,26 @@ class CharLSTMModule(pl.LightningModule):
 
     # -- the time schedule's clock: a training stretch starts at a batch, validation pauses it ------------------
     def on_validation_start(self) -> None:
-        if self.clock is not None:
-            self.clock.pause()
+        self.clock.pause()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.clock is not None and not self.clock.running:
+        if not self.clock.running:
             self.clock.resume_training(self._wall_elapsed())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.clock is not None:
-            checkpoint[CLOCK_KEY] = self.clock.state_dict()
+        checkpoint[CLOCK_KEY] = self.clock.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if CLOCK_KEY in checkpoint:
-            self.clock = TrainClock(0.0)
             self.clock.load_state_dict(checkpoint[CLOCK_KEY])
 
     def on_train_end(self) -> None:
-        if self.clock is not None:
-            self.clock.pause()
+        self.clock.pause()
         opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
         if isinstance(opt, torch.optim.Optimizer) and self.trainer.is_global_zero:
             lr = opt.param_groups[0]["lr"]
-            trained = f" after {self.clock.train_s:.1f} s of training (validation excluded)" if self.clock else ""
-            log.info("learning rate at the end: %.3g (%.3f x its peak %.3g)%s", lr, lr / self.hparams.lr,
-                     self.hparams.lr, trained)  # fmt: skip
+            log.info("learning rate at the end: %.3g (%.3f x its peak %.3g) after %.1f s of training (validation "
+                     "excluded)", lr, lr / self.hparams.lr, self.hparams.lr, self.train_seconds())  # fmt: skip
 
 
 def lr_factor(step: int, total: int, warmup: int, floor: float, cosine: bool) -> float:
@@ -276,19 +282,28 @@ def lr_factor(step: int, total: int, warmup: int, floor: float, cosine: bool) ->
 
 
 class TrainClock:
-    """Training seconds (validation excluded) and the schedule's progress through a time budget.
+    """Training seconds (validation excluded) and, with a time budget, the schedule's progress through it.
 
-    The budget is wall time (Lightning's ``max_time`` counts validation too), so the training seconds it will
-    hold are projected from the share of wall time spent training so far: ``horizon = budget x train / wall``,
-    re-estimated whenever training resumes (after each validation). The learning rate then depends on training
-    seconds only: a validation pause does not move it, and the run ends with progress 1, annealed at the floor.
+    Every run has one: its training time is the seconds from the start of a training batch to the next validation
+    (or the end of training), summed. The budget is wall time (Lightning's ``max_time`` counts validation too), so
+    the training seconds it will hold are projected from the share of wall time spent training so far: ``horizon =
+    budget x train / wall``, re-estimated whenever training resumes (after each validation). The learning rate then
+    depends on training seconds only: a validation pause does not move it, and the run ends with progress 1,
+    annealed at the floor.
     """
 
-    def __init__(self, budget: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, budget: float | None, clock: Callable[[], float] = time.monotonic) -> None:
         self.budget, self.clock = budget, clock
         self.train_s = 0.0  # training seconds before the current stretch (restored on resume)
-        self.horizon = budget  # training seconds the budget is expected to hold
+        self.horizon = budget if budget is not None else math.inf  # training seconds the budget is expected to hold
         self._since: float | None = None
+
+    def set_budget(self, budget: float) -> None:
+        """The run's time budget (``trainer.max_time``); a clock restored from a run without one starts its horizon
+        at the budget."""
+        self.budget = budget
+        if not math.isfinite(self.horizon):
+            self.horizon = budget
 
     @property
     def running(self) -> bool:
@@ -305,7 +320,7 @@ class TrainClock:
 
     def resume_training(self, wall_elapsed: float | None = None) -> None:
         """Start a training stretch; ``wall_elapsed`` (the budget's wall seconds so far) refines the horizon."""
-        if wall_elapsed is not None and wall_elapsed > 0 and self.train_s > 0:
+        if self.budget is not None and wall_elapsed is not None and wall_elapsed > 0 and self.train_s > 0:
             self.horizon = self.budget * min(1.0, self.train_s / wall_elapsed)
         if self._since is None:
             self._since = self.clock()
@@ -330,6 +345,21 @@ class TrainClock:
             progress = max(progress, min(1.0, step / total_steps))
         ramp = min(1.0, (step + 1) / warmup_steps) if warmup_steps and not warmup_fraction else 1.0
         return ramp * time_factor(progress, warmup_fraction, floor, cosine)
+
+    def schedule(
+        self, warmup_fraction: float, floor: float, cosine: bool, warmup_steps: int = 0, total_steps: float = math.inf
+    ) -> Callable[[int], float]:
+        """The learning-rate factor of each optimizer step, for ``LambdaLR``: the clock is read once per step, so every
+        parameter group (LambdaLR asks once per group) gets the same rate."""
+        reading: dict[int, float] = {}
+
+        def factor(step: int) -> float:
+            if step not in reading:
+                reading.clear()
+                reading[step] = self.factor(warmup_fraction, floor, cosine, step, warmup_steps, total_steps)
+            return reading[step]
+
+        return factor
 
     def state_dict(self) -> dict[str, float]:
         return {"train_s": float(self.elapsed()), "horizon": float(self.horizon)}

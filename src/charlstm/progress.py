@@ -48,7 +48,7 @@ class ValidationLog(Callback):
         log.info(
             "validation at step %d (epoch %d): val/bpc %s (best %s), val/loss %s nats/char, train/loss %s",
             trainer.global_step, trainer.current_epoch, _fmt(m, "val/bpc"), _fmt(m, "val/bpc_best"),
-            _fmt(m, "val/loss"), _fmt(m, "train/loss_step", 3) if "train/loss_step" in m else _fmt(m, "train/loss", 3),
+            _fmt(m, "val/loss"), _fmt(m, "train/loss", 3),
             extra={"file_only": bar},
         )  # fmt: skip
 

@@ -74,6 +74,7 @@ def instantiate_named(group: DictConfig | None) -> list[Any]:
 
 
 RUN_FILES = ("config.yaml",)
+AXES = ("step", "epoch")  # logged by the model for TensorBoard's x-axes, not results
 # Set by rank 0 when it resolves `ckpt_path=last`, so DDP ranks started later resume the very same file.
 RESUME_ENV = "CHARLSTM_RESUME_PATH"
 
@@ -408,7 +409,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         callbacks = [cb for cb in callbacks if not isinstance(cb, Checkpoint)]
         last = LastCheckpoint(out / "checkpoints")  # never attached: only reports that nothing was saved
     step = int(ckpt["global_step"]) if ckpt is not None else 0
-    loggers = instantiate_loggers(cfg.get("logger"), purge_step=step if ckpt is not None else None)
+    # TensorBoard's points sit at the steps done: those after the checkpoint's step are the lost ones
+    loggers = instantiate_loggers(cfg.get("logger"), purge_step=step + 1 if ckpt is not None else None)
     if not loggers:  # logger=none: nothing to monitor the learning rate into (Lightning would refuse to start)
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     with open_dict(cfg):  # `auto`: bf16-mixed where the CPU has native bf16, else 32-true (one log line)
@@ -437,7 +439,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if "val/bpc" not in trainer.callback_metrics and trainer.enable_validation and trainer.global_step > 0:
             # no validation fell inside the run (e.g. check_val_every_n_epoch beyond max_epochs): score it once now
             trainer.validate(model, datamodule=datamodule, verbose=False)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    found = trainer.callback_metrics  # but `step` and `epoch`, the x-axes the model gives TensorBoard's points
+    metrics = {k: float(v) for k, v in found.items() if torch.is_tensor(v) and v.numel() == 1 and k not in AXES}
     if getattr(datamodule, "test_ids", None) is not None and trainer.global_step > 0:
         metrics.update(score_test(trainer, model, datamodule))
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer,
@@ -558,9 +561,8 @@ def run_result(
                               "params": params, "metrics": metrics or {}}  # fmt: skip
     if objects is not None:
         trainer, callbacks = objects["trainer"], objects["callbacks"]
-        timer = next((cb for cb in callbacks if isinstance(cb, ConfigHParams)), None)
         history = next((cb.history for cb in callbacks if isinstance(cb, ValidationLog)), [])
-        result.update(steps=trainer.global_step, train_seconds=timer.seconds() if timer else seconds,
+        result.update(steps=trainer.global_step, train_seconds=objects["model"].train_seconds(),
                       run_dir=str(objects["output_dir"]), history=[list(p) for p in history])  # fmt: skip
     else:
         result["train_seconds"] = seconds
