@@ -68,7 +68,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
     root = tmp_path_factory.mktemp("tb_run")
     overrides = [*TINY, *QUIET, "trainer.max_epochs=2", "trainer.max_steps=500", "data.seq_len=24",
                  "trainer.log_every_n_steps=5", "model.scheduler=cosine", "model.weight_decay=0.01",
-                 "+tags=[small,test]"]  # fmt: skip
+                 "+tags=[small,test]", "data.test_fraction=0.1"]  # fmt: skip
     cfg = compose_cfg("train", overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(root / "run")
@@ -155,10 +155,11 @@ def test_validation_points_sit_at_the_steps_the_console_prints(run):
     history = next(cb.history for cb in run.objects["callbacks"] if isinstance(cb, ValidationLog))
     console = [step for step, _ in history]
     assert len(console) == 2 and console[-1] == run.objects["trainer"].global_step
-    for tag in ("val/bpc", "val/loss", "hp/val_bpc"):
+    for tag in ("val/bpc", "val/loss", "hp/val_bpc", "hp/train_seconds"):
         assert [s.step for s in run.acc.Scalars(tag)] == console, tag
+    assert [s.step for s in run.acc.Scalars("test/bpc")] == console[-1:]  # the held-out text, scored at the end
     epochs = [s.step for s in run.acc.Scalars("epoch")]
-    assert epochs == console  # once per validation, not twice
+    assert epochs == console  # once per validation, not twice (nor again with the test scores)
     train_steps = [s.step for s in run.acc.Scalars("train/loss")]
     assert train_steps[0] == 5 and console[-1] in train_steps  # every 5 steps done, the last one included
 
@@ -168,7 +169,7 @@ def test_the_time_schedule_draws_one_learning_rate_curve(make_cfg, tmp_path):
     cfg = make_cfg(*QUIET, "model.scheduler=cosine", "model.warmup_fraction=0.2", "model.min_lr_ratio=0.05",
                    "model.weight_decay=0.01", "trainer.max_time=00:00:00:03", "trainer.max_epochs=-1",
                    "trainer.max_steps=-1", "trainer.limit_val_batches=0", "callbacks.early_stopping=null",
-                   "trainer.log_every_n_steps=1")  # fmt: skip
+                   "trainer.log_every_n_steps=1", "callbacks.model_checkpoint=null")  # fmt: skip
     _, objects = train(cfg)
     assert len(objects["trainer"].optimizers[0].param_groups) == 2
     acc = events(tmp_path / "run")

@@ -218,6 +218,7 @@ class ConfigHParams(Callback):
     def __init__(self, config: DictConfig | dict[str, Any] | None = None) -> None:
         self.config = config
         self._training = False
+        self._logged_at: int | None = None  # the step of the last metrics written
 
     def params(self, pl_module: pl.LightningModule) -> dict[str, str | int | float]:
         if self.config is not None:
@@ -267,6 +268,9 @@ class ConfigHParams(Callback):
                 if key in found:
                     metrics[name] = float(found[key])
         step = trainer.global_step  # where val/* are: the steps done
+        if not with_val and step == self._logged_at:
+            return  # the end right after a validation: its numbers are already there
+        self._logged_at = step
         for logger in _tensorboards(trainer):
             logger.log_metrics(metrics, step=step)
 

@@ -139,14 +139,19 @@ class CharLSTMModule(pl.LightningModule):
                 "val/ppl": torch.exp(loss),
                 "val/loss_best": self.best_val_loss.clone(),
                 "val/bpc_best": self.best_val_loss / LN2,
-                # at the steps done, the step the console prints (Lightning's own step is one less), with the epoch
-                # once (a `step` given, Lightning adds none)
-                "step": float(self.global_step),
-                "epoch": float(self.current_epoch),
             },
             prog_bar=False,
         )
         self.log("val/bpc", loss / LN2, prog_bar=True)
+        # at the steps done, the step the console prints (Lightning's own step is one less), with the epoch once
+        # (a `step` given, Lightning adds none)
+        self._log_axes(epoch=True)
+
+    def _log_axes(self, epoch: bool) -> None:
+        """``step`` (Lightning's x-axis metric) and ``epoch`` for the points logged with them; every rank has the
+        same values (sync_dist: Lightning's mean of them, without its warning)."""
+        axes = {"step": float(self.global_step)} | ({"epoch": float(self.current_epoch)} if epoch else {})
+        self.log_dict(axes, sync_dist=True)
 
     # -- test: the held-out text (data.test_fraction), scored like validation, once, after training -------------
     def on_test_epoch_start(self) -> None:
@@ -158,6 +163,7 @@ class CharLSTMModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         loss = self._mean_loss()
         self.log_dict({"test/loss": loss, "test/bpc": loss / LN2, "test/ppl": torch.exp(loss)})
+        self._log_axes(epoch=False)  # beside the last validation, without a second epoch point
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
