@@ -96,6 +96,27 @@ def test_clock_state_is_primitive_and_resumes_from_the_saved_time(tmp_path):
     assert resumed.progress() == pytest.approx(6.0 / 8.0)
 
 
+def test_the_schedule_reads_the_clock_once_per_step():
+    class Ticking(FakeClock):
+        def __call__(self) -> float:
+            self.now += 0.01  # time passes between LambdaLR's questions for each parameter group
+            return self.now
+
+    clock = TrainClock(10.0, Ticking())
+    clock.resume_training()
+    p = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    opt = torch.optim.SGD([{"params": [p[0]]}, {"params": [p[1]], "weight_decay": 0.0}], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, clock.schedule(0.5, 0.05, True))
+    rates = []
+    for _ in range(5):
+        opt.step()
+        sched.step()
+        lrs = [group["lr"] for group in opt.param_groups]
+        assert lrs[0] == lrs[1]  # one reading per step: the groups share one rate
+        rates.append(lrs[0])
+    assert rates == sorted(rates) and rates[0] < rates[-1]  # and it follows the clock from step to step
+
+
 def test_step_schedule_is_unchanged():
     assert lr_factor(0, 100, 10, 0.0, True) == pytest.approx(0.1)
     assert lr_factor(100, 100, 10, 0.1, True) == pytest.approx(0.1)

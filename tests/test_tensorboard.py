@@ -3,6 +3,7 @@ tags, one lr curve, custom scalars, validation points at the console's steps, ru
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -238,6 +239,11 @@ def test_every_sweep_job_has_its_config_and_experiment_in_hparams(tmp_path, data
         assert hp["experiment"] == "seed"
         leading = [info.name for info in experiment(logdir).hparam_infos][:3]
         assert leading == ["model.units", "experiment", "model.layers"]  # the swept key, then the usual ones
+        # one training time: the console's, hp/train_seconds, result.json's and the summary's "time (s)"
+        seconds = json.loads((logdir / "result.json").read_text())["train_seconds"]
+        assert events(logdir).Scalars("hp/train_seconds")[-1].value == pytest.approx(seconds, rel=1e-6)
+        assert f"after {seconds:.1f} s of training (validation excluded)" in proc.stdout + proc.stderr
+        assert f"| {seconds:.1f} | {logdir.name} |" in (tmp_path / "sweep" / "summary.md").read_text()
         seen.append(hp["model.units"])
         assert "hp/val_bpc_best" in events(logdir).Tags()["scalars"]
     assert sorted(seen) == [8, 12]
