@@ -178,7 +178,7 @@ def command_line_keys() -> list[str]:
 
 
 def lead_with(experiment: Any, keys: list[str]) -> None:
-    """Put ``keys`` (and the keys under them) first in an HParams experiment summary, marked ``differs``.
+    """Put ``keys`` first in an HParams experiment summary, in that order, marked ``differs``.
 
     TensorBoard's hparams plugin lists an experiment's hparams sorted by (not ``differs``, name) and shows the first
     ones as the table's columns; without a mark the alphabetical order opens with ``callbacks.*``. The rest stays
@@ -187,14 +187,12 @@ def lead_with(experiment: Any, keys: list[str]) -> None:
 
     value = experiment.value[0]
     data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
-    infos = list(data.experiment.hparam_infos)
+    infos = [type(info).FromString(info.SerializeToString()) for info in data.experiment.hparam_infos]
 
-    def rank(name: str) -> int:
-        return next((i for i, k in enumerate(keys) if name == k or name.startswith(k + ".")), len(keys))
-
-    infos.sort(key=lambda info: rank(info.name))
+    order = {key: i for i, key in reversed(list(enumerate(keys)))}
+    infos.sort(key=lambda info: order.get(info.name, len(keys)))
     for info in infos:
-        info.differs = rank(info.name) < len(keys)
+        info.differs = info.name in order
     del data.experiment.hparam_infos[:]
     data.experiment.hparam_infos.extend(infos)
     value.metadata.plugin_data.content = data.SerializeToString()
