@@ -168,7 +168,7 @@ def test_validation_points_sit_at_the_steps_the_console_prints(run):
 def test_the_time_schedule_draws_one_learning_rate_curve(make_cfg, tmp_path):
     # trainer.max_time drives warm-up and cosine decay; two parameter groups (decay / no decay) share the schedule
     cfg = make_cfg(*QUIET, "model.scheduler=cosine", "model.warmup_fraction=0.2", "model.min_lr_ratio=0.05",
-                   "model.weight_decay=0.01", "trainer.max_time=00:00:00:03", "trainer.max_epochs=-1",
+                   "model.weight_decay=0.01", "trainer.max_time=00:00:00:04", "trainer.max_epochs=-1",
                    "trainer.max_steps=-1", "trainer.limit_val_batches=0", "callbacks.early_stopping=null",
                    "trainer.log_every_n_steps=1", "callbacks.model_checkpoint=null")  # fmt: skip
     _, objects = train(cfg)
@@ -177,8 +177,8 @@ def test_the_time_schedule_draws_one_learning_rate_curve(make_cfg, tmp_path):
     assert [t for t in acc.Tags()["scalars"] if "lr" in t] == ["train/lr"]
     values = [s.value for s in acc.Scalars("train/lr")]
     peak = values.index(max(values))
-    assert len(values) > 20 and 0 < peak < len(values) - 1
-    assert max(values) == pytest.approx(1e-3, rel=0.02) and max(values) <= 1e-3
+    assert len(values) > 10 and 0 < peak < len(values) - 1
+    assert max(values) == pytest.approx(1e-3, rel=0.1) and max(values) <= 1e-3 * (1 + 1e-6)  # float32
     assert values[0] < 0.5e-3 and values[: peak + 1] == sorted(values[: peak + 1])  # warm-up
     assert values[peak:] == sorted(values[peak:], reverse=True)  # cosine decay ...
     assert 0.05e-3 * (1 - 1e-6) <= values[-1] < 0.2e-3  # ... to 0.05 x the peak at the budget's end
