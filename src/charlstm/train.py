@@ -24,6 +24,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 
 from charlstm import checkpoint, cluster
 from charlstm.callbacks import ConfigHParams, check_prompt, sample_prompt
+from charlstm.cli import command_line
 from charlstm.config import validate_train
 from charlstm.errors import (
     CharLSTMError,
@@ -193,7 +194,8 @@ def interrupted_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpo
     """The line for a stop that happened outside the save-and-stop path (before training, or a 2nd Ctrl-C)."""
     signum = signal.SIGTERM if isinstance(exc, SIGTERMException) else signal.SIGINT
     if last.last_saved_step is not None:
-        saved = f"the newest checkpoint is {last.path} (step {last.last_saved_step})"
+        saved = f"the newest checkpoint is {last.path} (step {last.last_saved_step}); resume with: " \
+                f"{command_line('train.py', f'ckpt_path={last.path}')}"  # fmt: skip
     else:
         saved = "no checkpoint was written by this run"
     return TrainingInterrupted(
@@ -312,7 +314,7 @@ def failed_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpoint, 
     what = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
     if last.last_saved_step is not None:
         saved = f"the last good state is {last.path} (step {last.last_saved_step}); resume with: " \
-                f"python train.py ckpt_path={last.path}"  # fmt: skip
+                f"{command_line('train.py', f'ckpt_path={last.path}')}"  # fmt: skip
     else:
         saved = "no checkpoint was written"
     logfile = out / "train.log"
