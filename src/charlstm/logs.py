@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import warnings
 
+from charlstm.errors import process_rank
+
 # (logger name prefix, message start) of INFO lines libraries print on every run that say nothing to the user
 _CHATTER = (
     ("pytorch_lightning", "💡 Tip: For seamless cloud logging"),
@@ -24,7 +26,17 @@ _FILE_ONLY_PREFIXES = (
     # the precision plugin's announcement: the run's own start lines already say which precision and why
     "Using bfloat16 Automatic Mixed Precision",
     "Using 16bit Automatic Mixed Precision",
+    # why the fit loop stopped, and the Timer's note that max_time is up: the run's end lines say where it stopped
+    "`Trainer.fit` stopped:",
+    "Time limit reached.",
+    # said while the lr schedule sizes itself from the training batches (model.py, estimated_stepping_batches)
+    "Loading `train_dataloader` to estimate number of stepping batches",
+    # DDP's set-up banners (one per process, then a framed one): the model line says how many processes train
+    "Initializing distributed:",
+    "-" * 100 + "\ndistributed_backend=",
 )
+# the libraries whose lines above are kept off the console
+_FILE_ONLY_LOGGERS = ("pytorch_lightning", "lightning_fabric")
 
 
 class Chatter(logging.Filter):
@@ -38,12 +50,16 @@ class Chatter(logging.Filter):
 
 
 class ConsoleLines(logging.Filter):
-    """Keeps lines marked ``extra={"file_only": True}`` (and Lightning's device inventory) off the console."""
+    """Keeps lines marked ``extra={"file_only": True}`` (and Lightning's lines listed above) off the console, and
+    the info lines of every process but the first of a multi-process run (each would print the same start lines
+    again; their warnings and errors still show)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "file_only", False):
             return False
-        return not (record.name.startswith("pytorch_lightning") and str(record.msg).startswith(_FILE_ONLY_PREFIXES))
+        if record.levelno <= logging.INFO and process_rank() > 0:
+            return False
+        return not (record.name.startswith(_FILE_ONLY_LOGGERS) and str(record.msg).startswith(_FILE_ONLY_PREFIXES))
 
 
 def route_library_logs() -> None:

@@ -38,7 +38,7 @@ from charlstm.errors import (
 from charlstm.hardware import resolve_precision
 from charlstm.jobranks import sweep_job_ranks
 from charlstm.logs import quiet_known_warnings, route_library_logs
-from charlstm.progress import FinalValidation, ValidationLog
+from charlstm.progress import FinalValidation, ModelLine, ValidationLog
 from charlstm.reliability import AtomicCheckpointIO, LastCheckpoint, ensure_last_checkpoint
 from charlstm.rundir import override_key
 from charlstm.vocab import char_list
@@ -415,7 +415,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     with open_dict(cfg):  # `auto`: bf16-mixed where the CPU has native bf16, else 32-true (one log line)
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
-    trainer = build_trainer(cfg, callbacks, loggers, enable_progress_bar=show_bar)
+    if cfg.trainer.get("enable_model_summary", True):
+        callbacks.append(ModelLine())  # the project's one line instead of Lightning's table
+    trainer = build_trainer(cfg, callbacks, loggers, enable_progress_bar=show_bar, enable_model_summary=False)
 
     if trainer.is_global_zero:
         log.info(describe(cfg, out))
