@@ -471,6 +471,7 @@ def say(line: str) -> None:
 
 def report(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]) -> None:
     """Say where the run's files are, its validation bits/char and a short sample."""
+    from charlstm.generate import printable
     from charlstm.sampling import Generator
 
     trainer: pl.Trainer = objects["trainer"]
@@ -499,7 +500,7 @@ def report(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]) 
         gen = Generator.from_module(objects["model"])
         prompt = gen.clean_prompt(cfg.sample.prompt or sample_prompt(objects["datamodule"]))
         text = gen.generate(prompt, cfg.sample.length, cfg.sample.temperature, seed=cfg.seed or 0)[0]
-        say(f"sample (temperature {cfg.sample.temperature}):\n{prompt.lstrip(chr(10))}{text}")
+        say(f"sample (temperature {cfg.sample.temperature}):\n{printable(prompt.lstrip(chr(10)) + text)}")
 
 
 def remove_if_empty(folder: Path, root: Path) -> None:
