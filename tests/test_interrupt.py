@@ -98,7 +98,10 @@ def test_second_ctrl_c_quits_without_saving(make_cfg, tmp_path):
     with pytest.raises(TrainingInterrupted) as info:
         train(cfg)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert str(info.value) == f"SIGINT at step 7: stopped without saving; the newest checkpoint is {last} (step 5)"
+    assert str(info.value) == (
+        f"SIGINT at step 7: stopped without saving; the newest checkpoint is {last} (step 5); "
+        f"resume with: {command_line('train.py', f'ckpt_path={last}')}"
+    )
     assert info.value.exit_code == 130
     assert step_of(last) == 5
 
