@@ -21,6 +21,7 @@ _FILE_ONLY_PREFIXES = (
     "TPU available:",
     "HPU available:",
     "IPU available:",
+    "LOCAL_RANK: ",  # the CUDA devices a process sees, one line per process
     "Restoring states from the checkpoint path at",
     "Loaded model weights from the checkpoint at",
     # the precision plugin's announcement: the run's own start lines already say which precision and why
