@@ -196,3 +196,20 @@ def test_the_resume_line_works_as_printed_in_a_fresh_shell(tmp_path):
     assert shlex.split(command)[-1] == f"ckpt_path={saved}"
     assert torch.load(saved, weights_only=True, map_location="cpu")["global_step"] == 12
     assert "step 12" in resumed.stdout
+
+
+def test_the_console_filter_keeps_device_lines_and_other_processes_info_lines_off(monkeypatch):
+    from charlstm.logs import ConsoleLines
+
+    def record(name: str, level: int, msg: str) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, msg, None, None)
+
+    console = ConsoleLines()
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    # Lightning's CUDA line (on a GPU: one per process) is device inventory, in train.log only
+    assert not console.filter(record("pytorch_lightning.accelerators.cuda", logging.INFO, "LOCAL_RANK: 0 - CUDA_VI"))
+    assert console.filter(record("charlstm.train", logging.INFO, "training: recipe default"))
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the second process of a DDP run: its start lines would repeat rank 0's
+    assert not console.filter(record("charlstm.train", logging.INFO, "training: recipe default"))
+    assert console.filter(record("charlstm.train", logging.WARNING, "something real"))
