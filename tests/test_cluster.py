@@ -74,9 +74,9 @@ def test_the_slurm_launcher_on_a_machine_without_slurm_is_one_line(tmp_path):
 
 def test_a_launcher_without_multirun_is_one_line(tmp_path):
     line = one_line_error(run_cli("train.py", "hydra/launcher=submitit_local", "model.units=8", cwd=tmp_path))
-    assert line == (
+    assert line == (  # the command to type instead, runnable as printed (this interpreter, the script's path)
         "error: hydra/launcher=submitit_local applies to -m runs only (Hydra launches multiruns; one job is fine): "
-        "python train.py -m hydra/launcher=submitit_local model.units=8"
+        f"{sys.executable} {ROOT / 'train.py'} -m hydra/launcher=submitit_local model.units=8"
     )
 
 

@@ -312,13 +312,14 @@ def hydra_entry(config_dir: Path, config_name: str, task: str, plain: bool = Fal
     # Makes Hydra raise instead of printing its multi-line report, so the error can be said in one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     rank_started_by_lightning = os.environ.get(QUOTED_ENV) == "1" and os.environ.get("LOCAL_RANK", "0") != "0"
-    args = sys.argv[1:] if rank_started_by_lightning else literal_args(sys.argv[1:])
+    typed = sys.argv[1:]
+    args = typed if rank_started_by_lightning else literal_args(typed)
     os.environ[QUOTED_ENV] = "1"
     sys.argv = [sys.argv[0], *args]
     launcher = launcher_without_multirun(args)
     if launcher:
         print(f"error: {launcher} applies to -m runs only (Hydra launches multiruns; one job is fine): "
-              f"python {Path(sys.argv[0]).name} -m {' '.join(args)}", file=sys.stderr, flush=True)  # fmt: skip
+              f"{command_line(Path(sys.argv[0]).name, '-m', *typed)}", file=sys.stderr, flush=True)  # fmt: skip
         sys.exit(1)
 
     def main(cfg: Any) -> Any:
