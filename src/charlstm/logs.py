@@ -87,11 +87,6 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings(
         "ignore", message=r"Your `IterableDataset` has `__len__` defined", module=r"pytorch_lightning\."
     )
-    # The model summary sizes parameters at 32 bits under a mixed precision, which is right: mixed precision keeps
-    # the weights in float32 (only bf16-true / 16-true weights are 16-bit, and those it sizes itself)
-    warnings.filterwarnings(
-        "ignore", message=r"Precision \S+-mixed is not supported by the model summary", module=r"pytorch_lightning\."
-    )
     # Under DDP: val/* and test/* are logged after CharLSTMModule sums the loss and char count of every rank (each
     # scores its own share of the windows), so each rank logs the whole text's numbers already; train/* are
     # each rank's own batches, an unbiased sample of the same loss, and syncing them would add two collective calls
