@@ -26,6 +26,8 @@ SAME_AS_HYDRA = [
     ["prompt=${x} \\${y} \\ 'q' \"d\" [a, b] =", "temperature=0.8"],
     ["prompt=", "mode=stateful"],
     ["prompt=the 你好\nsecond line"],
+    # a path typed with `~` (the shell leaves it as is after `=`): taken literally, expanded where it is read
+    ["ckpt=~/runs/last.ckpt", "prompt_file=~/opening.txt", "output=~/samples.txt"],
 ]
 
 
@@ -42,14 +44,25 @@ def test_plain_config_is_the_one_hydra_composes(args):
     assert OmegaConf.is_struct(mine)  # a mistyped key in code fails as under Hydra
 
 
+def test_a_path_starting_with_tilde_is_taken_literally():
+    # Hydra's grammar has no unquoted `~` in a value: unquoted, these were one-line errors
+    args = ["data.path=~/my.txt", "ckpt_path=~/runs/last.ckpt", "ckpt=~user/x=1,2.ckpt", "output=~/o.txt"]
+    assert literal_args(args) == ["data.path='~/my.txt'", "ckpt_path='~/runs/last.ckpt'", "ckpt='~user/x=1,2.ckpt'",
+                                  "output='~/o.txt'"]  # fmt: skip
+    cfg = compose_cfg("train", literal_args(["data=file", "data.path=~/my.txt", "ckpt_path=~/runs/last.ckpt"]))
+    assert cfg.data.path == "~/my.txt" and cfg.ckpt_path == "~/runs/last.ckpt"
+    assert literal_args(["seed=~1", "prompt=~x"]) == ["seed=~1", "prompt='~x'"]  # other keys: as before
+
+
 def test_an_existing_path_with_hydra_syntax_in_it_is_taken_literally(tmp_path):
     job = tmp_path / "0_model.units=8,data.seq_len=20" / "last.ckpt"
     job.parent.mkdir()
     job.write_bytes(b"")
     assert literal_args([f"ckpt={job}"]) == [f"ckpt='{job}'"]
     assert literal_args([f"data.path={job}", f"ckpt_path={job}"]) == [f"data.path='{job}'", f"ckpt_path='{job}'"]
-    assert literal_args(["data.path=a.txt,b.txt", "ckpt=last", f"output={job}"]) == [
-        "data.path=a.txt,b.txt", "ckpt=last", f"output={job}"]  # fmt: skip
+    assert literal_args(["data.path=a.txt,b.txt", "ckpt=last", f"outputs_root={job}"]) == [
+        "data.path=a.txt,b.txt", "ckpt=last", f"outputs_root={job}"]  # fmt: skip
+    assert literal_args([f"output={job}", f"prompt_file={job}"]) == [f"output='{job}'", f"prompt_file='{job}'"]
     mine = plain_config(CONFIG_DIR, "generate", [f"ckpt={job}", "length=3"])
     assert mine is not None and mine.ckpt == str(job)
     assert compose_cfg("generate", literal_args([f"ckpt={job}"])).ckpt == str(job)
@@ -68,7 +81,6 @@ LEFT_TO_HYDRA = [
     ["length=1_000"],
     ["temperature=inf"],
     ["seed=-nan"],
-    ["ckpt=~/model.ckpt"],
     ["output=my samples.txt"],
     ["output='samples.txt'"],
     ["ckpt=${oc.env:HOME}/x.ckpt"],

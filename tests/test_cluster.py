@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from charlstm import checkpoint
+from charlstm.cli import command_line
 from charlstm.cluster import REQUEUE_ENV, check_allocation, hand_over, requeued_checkpoint
 from charlstm.errors import ConfigError, JobFailed, TrainingInterrupted, process_rank
 from charlstm.train import train
@@ -73,9 +74,9 @@ def test_the_slurm_launcher_on_a_machine_without_slurm_is_one_line(tmp_path):
 
 def test_a_launcher_without_multirun_is_one_line(tmp_path):
     line = one_line_error(run_cli("train.py", "hydra/launcher=submitit_local", "model.units=8", cwd=tmp_path))
-    assert line == (
+    assert line == (  # the command to type instead, runnable as printed (this interpreter, the script's path)
         "error: hydra/launcher=submitit_local applies to -m runs only (Hydra launches multiruns; one job is fine): "
-        "python train.py -m hydra/launcher=submitit_local model.units=8"
+        f"{sys.executable} {ROOT / 'train.py'} -m hydra/launcher=submitit_local model.units=8"
     )
 
 
@@ -176,13 +177,13 @@ def test_what_the_requeue_hand_over_says(tmp_path):
     def refuses(signum, frame):
         raise RuntimeError("Job not requeued because: timed-out too many times.")
 
+    resume = command_line("train.py", f"ckpt_path={ckpt}")
     assert hand_over(refuses, signal.SIGUSR2, ckpt) == (
-        f"not requeued (Job not requeued because: timed-out too many times); resume with: python train.py "
-        f"ckpt_path={ckpt}",
+        f"not requeued (Job not requeued because: timed-out too many times); resume with: {resume}",
         None,
     )
     assert hand_over(lambda signum, frame: None, signal.SIGUSR2, ckpt) == ("the job's first process requeues it", None)
-    assert hand_over(None, signal.SIGUSR2, ckpt) == (f"resume with: python train.py ckpt_path={ckpt}", None)
+    assert hand_over(None, signal.SIGUSR2, ckpt) == (f"resume with: {resume}", None)
 
 
 def test_only_a_requeued_job_resumes_and_only_from_its_own_run_folder(tmp_path, monkeypatch):

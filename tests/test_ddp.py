@@ -29,11 +29,15 @@ def test_ddp_cpu_trains_in_one_folder_and_writes_one_checkpoint_set(tmp_path, da
     cmd = [
         sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu", *TINY, "trainer.enable_progress_bar=false",
         "sample.length=20", "data.test_fraction=0.10025", "trainer.precision=32-true", f"paths.outputs_root={tmp_path}",
-        f"paths.data_dir={data_dir}",
+        f"paths.data_dir={data_dir}", "trainer.enable_model_summary=true",
     ]  # fmt: skip
     done = forkserver.run(cmd, ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "All distributed processes registered. Starting with 2 processes" in done.stdout
+    # one model line, from rank 0, saying how many processes train; no set-up banner from each rank
+    models = [line for line in done.stdout.splitlines() if line.startswith("model: ")]
+    assert len(models) == 1 and models[0].endswith("precision 32-true, 2 processes (DDPStrategy)"), models
+    assert done.stdout.count("training: ") == 1
+    assert "Initializing distributed" not in done.stdout and "distributed_backend" not in done.stdout
     assert done.stdout.count("run folder:") == 1  # the summary comes from rank 0 only
     assert not [line for line in done.stderr.splitlines() if line.startswith(("error", "Traceback"))]
     assert "sync_dist" not in done.stderr  # the val/* and test/* logged are every rank's sums already (charlstm.logs)
@@ -76,11 +80,11 @@ def test_ddp_cpu_in_a_local_sweep_trains_each_job_once_in_its_own_folder(tmp_pat
         sys.executable, str(ROOT / "train.py"), "-m", "trainer=ddp_cpu", *TINY, "model.units=8,12", "data=file",
         f"data.path={text}", "trainer.max_steps=3", "trainer.enable_progress_bar=false", "sample.length=5",
         "sample.prompt=mov eax, [", "callbacks.text_sample=null", f"paths.outputs_root={tmp_path}",
-        f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}",
+        f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}", "trainer.enable_model_summary=true",
     ]  # fmt: skip
     done = forkserver.run(cmd, ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("All distributed processes registered. Starting with 2 processes") == 2
+    assert done.stdout.count(", 2 processes (DDPStrategy)") == 2
     assert done.stdout.count("sweep summary (2 jobs") == 1  # rank 1 ran no sweep of its own
     assert done.stdout.count("\nmov eax, [") == 2  # each job's sample, from the prompt as given
 

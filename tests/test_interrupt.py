@@ -20,6 +20,7 @@ import torch
 from omegaconf import open_dict
 
 from charlstm import checkpoint
+from charlstm.cli import command_line
 from charlstm.errors import DivergenceError, TrainingInterrupted
 from charlstm.reliability import AtomicCheckpointIO, atomic_write, remove_stale_temporaries
 from charlstm.train import epochs_done, train
@@ -28,7 +29,7 @@ from tests.conftest import TINY
 ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(
     r"^interrupted: (SIGINT|SIGTERM) at epoch (\d+), step (\d+): saved (\S+last\.ckpt); "
-    r"resume with: python train.py ckpt_path=(\S+last\.ckpt)$"
+    r"resume with: \S+python\S* \S*train\.py ckpt_path=(\S+last\.ckpt)$"
 )
 
 
@@ -77,7 +78,8 @@ def test_signal_mid_epoch_saves_last_and_stops(make_cfg, tmp_path, signum):
         train(cfg)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     name = signal.Signals(signum).name
-    assert str(info.value) == f"{name} at epoch 0, step 7: saved {last}; resume with: python train.py ckpt_path={last}"
+    resume = command_line("train.py", f"ckpt_path={last}")
+    assert str(info.value) == f"{name} at epoch 0, step 7: saved {last}; resume with: {resume}"
     assert info.value.exit_code == 128 + signum
     assert step_of(last) == 7  # the batch in flight finished and is in the checkpoint
     assert {s: signal.getsignal(s) for s in before} == before  # handlers given back
@@ -96,7 +98,10 @@ def test_second_ctrl_c_quits_without_saving(make_cfg, tmp_path):
     with pytest.raises(TrainingInterrupted) as info:
         train(cfg)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert str(info.value) == f"SIGINT at step 7: stopped without saving; the newest checkpoint is {last} (step 5)"
+    assert str(info.value) == (
+        f"SIGINT at step 7: stopped without saving; the newest checkpoint is {last} (step 5); "
+        f"resume with: {command_line('train.py', f'ckpt_path={last}')}"
+    )
     assert info.value.exit_code == 130
     assert step_of(last) == 5
 

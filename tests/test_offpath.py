@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from charlstm.cli import command_line
 from tests.cli import ROOT, SHRINK, ok, one_line_error, run_cli, run_folders
 
 pytestmark = pytest.mark.slow
@@ -225,5 +226,5 @@ def test_unexpected_exception_leaves_last_checkpoint_and_one_line(make_cfg, monk
         train(cfg)
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     assert str(info.value).startswith("training stopped at step 7 by RuntimeError: disk on fire; the last good state")
-    assert f"resume with: python train.py ckpt_path={last}" in str(info.value)
+    assert f"resume with: {command_line('train.py', f'ckpt_path={last}')}" in str(info.value)
     assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 7

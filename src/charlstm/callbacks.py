@@ -15,6 +15,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from charlstm.errors import ConfigError, VocabError
+from charlstm.generate import printable
 from charlstm.sampling import Generator, check_options
 
 
@@ -100,7 +101,7 @@ class TextSample(Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text(self.tag, as_markdown(text), global_step=step)
         if self.console:
-            pl_module.print(f"sample at epoch {trainer.current_epoch}, step {step}:\n{text}")
+            pl_module.print(f"sample at epoch {trainer.current_epoch}, step {step}:\n{printable(text)}")
 
 
 # -- TensorBoard dashboards --------------------------------------------------------------------------------------

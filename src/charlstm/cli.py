@@ -10,6 +10,7 @@ import gc
 import importlib
 import os
 import re
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,9 +28,11 @@ def _override_of(keys: Sequence[str]) -> re.Pattern[str]:
 
 _LITERAL = _override_of(LITERAL_KEYS)
 # Keys naming a file: a value that is an existing path is taken literally too (a sweep's job folders hold '=' and
-# ',', e.g. outputs/multirun/.../1_model.units=128/checkpoints/last.ckpt); anything else, such as `last` or a sweep
-# over several files (`data.path=a.txt,b.txt`), goes to Hydra as written.
-PATH_KEYS = ("ckpt", "ckpt_path", "data.path")
+# ',', e.g. outputs/multirun/.../1_model.units=128/checkpoints/last.ckpt), and so is one starting with `~` (the shell
+# expands `~` only at the start of a word, so `data.path=~/my.txt` arrives as typed, and Hydra's grammar has no
+# unquoted `~` in a value; the path is expanded where it is read); anything else, such as `last` or a sweep over
+# several files (`data.path=a.txt,b.txt`), goes to Hydra as written.
+PATH_KEYS = ("ckpt", "ckpt_path", "data.path", "prompt_file", "output")
 _PATH = _override_of(PATH_KEYS)
 # Set once this command line's free-text values are quoted for Hydra. Lightning starts the other DDP ranks by running
 # the command line again, with this environment: quoted a second time, a value would keep its quotes as text.
@@ -60,10 +63,32 @@ def literal_args(args: Sequence[str]) -> list[str]:
 
 
 def literal_path(arg: str) -> re.Match[str] | None:
-    """The match of ``arg`` when it is ``KEY=VALUE`` for a file-naming key whose value is an existing path that
-    Hydra would not read back as itself (it holds '=', ',', quotes, brackets, spaces ...); else None."""
+    """The match of ``arg`` when it is ``KEY=VALUE`` for a file-naming key whose value Hydra would not read back as
+    itself (it holds '=', ',', quotes, brackets, spaces ...) and is an existing path or starts with ``~``; else
+    None."""
     m = _PATH.match(arg)
-    return m if m and plain_value(m.group(3)) is _NOT_PLAIN and os.path.exists(m.group(3)) else None
+    if not m or plain_value(m.group(3)) is not _NOT_PLAIN:
+        return None
+    return m if m.group(3).startswith("~") or os.path.exists(m.group(3)) else None
+
+
+# The folder of train.py, generate.py and eval.py (an editable install: src/charlstm/cli.py under it)
+ENTRY_DIR = Path(__file__).resolve().parents[2]
+
+
+def command_line(script: str, *args: str) -> str:
+    """``SCRIPT ARGS`` as a line that works when pasted into a fresh shell in the current folder: run by this
+    interpreter named by its path (``.venv/bin/python``: a fresh shell has no environment active, and its
+    ``python`` may not have charlstm), the script by its path, each word quoted for the shell where needed.
+    Paths inside the current folder are shown relative to it."""
+
+    def shown(path: Path) -> str:
+        path = Path(os.path.abspath(path))  # not resolved: .venv/bin/python is a link to the base interpreter
+        return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+    python = shown(Path(sys.executable))
+    entry = Path(sys.argv[0]) if sys.argv and Path(sys.argv[0]).name == script else ENTRY_DIR / script
+    return shlex.join([python if os.sep in python else f".{os.sep}{python}", shown(entry), *args])
 
 
 def _overrides(args: Sequence[str]) -> list[str]:
@@ -287,13 +312,14 @@ def hydra_entry(config_dir: Path, config_name: str, task: str, plain: bool = Fal
     # Makes Hydra raise instead of printing its multi-line report, so the error can be said in one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     rank_started_by_lightning = os.environ.get(QUOTED_ENV) == "1" and os.environ.get("LOCAL_RANK", "0") != "0"
-    args = sys.argv[1:] if rank_started_by_lightning else literal_args(sys.argv[1:])
+    typed = sys.argv[1:]
+    args = typed if rank_started_by_lightning else literal_args(typed)
     os.environ[QUOTED_ENV] = "1"
     sys.argv = [sys.argv[0], *args]
     launcher = launcher_without_multirun(args)
     if launcher:
         print(f"error: {launcher} applies to -m runs only (Hydra launches multiruns; one job is fine): "
-              f"python {Path(sys.argv[0]).name} -m {' '.join(args)}", file=sys.stderr, flush=True)  # fmt: skip
+              f"{command_line(Path(sys.argv[0]).name, '-m', *typed)}", file=sys.stderr, flush=True)  # fmt: skip
         sys.exit(1)
 
     def main(cfg: Any) -> Any:

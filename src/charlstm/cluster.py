@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from charlstm.cli import command_line
 from charlstm.errors import ConfigError
 
 # The number of times submitit requeued this job, set when it starts it again (see hydra_plugins.charlstm_launcher).
@@ -64,7 +65,7 @@ def hand_over(handler: Callable[[int, Any], Any] | None, signum: int, ckpt: Path
     the job has reached the time limit too many times; on every rank but the first it does nothing.
     """
     if not callable(handler):
-        return f"resume with: python train.py ckpt_path={ckpt}", None
+        return f"resume with: {command_line('train.py', f'ckpt_path={ckpt}')}", None
     try:
         handler(signum, None)
     except SystemExit as done:
@@ -72,7 +73,7 @@ def hand_over(handler: Callable[[int, Any], Any] | None, signum: int, ckpt: Path
         return "the job is requeued and resumes from it", code
     except Exception as refused:  # submitit's UncompletedJobError: "Job not requeued because: ..."
         why = " ".join(str(refused).split()).rstrip(".")
-        return f"not requeued ({why}); resume with: python train.py ckpt_path={ckpt}", None
+        return f"not requeued ({why}); resume with: {command_line('train.py', f'ckpt_path={ckpt}')}", None
     return "the job's first process requeues it", None
 
 

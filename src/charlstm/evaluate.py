@@ -144,6 +144,8 @@ def evaluate(cfg: DictConfig) -> Score:
         raise ConfigError("ckpt is not set; pass ckpt=PATH to a .ckpt file or ckpt=last")
     device = pick_device(cfg.device)
     path = checkpoint.resolve(str(cfg.ckpt), cfg.get("outputs_root") or "outputs")
+    if str(cfg.ckpt) == "last":  # which run `last` found, as generate.py says it (stdout keeps the score alone)
+        print(f"checkpoint: {path.resolve()}", file=sys.stderr, flush=True)
     ckpt = checkpoint.load(path)
     net = checkpoint.build_net(ckpt, path)
     hp = ckpt["hyper_parameters"]

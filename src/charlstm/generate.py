@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -77,6 +78,16 @@ def read_prompt(cfg: DictConfig) -> str:
         raise ConfigError(f"prompt_file={file} cannot be read ({err.strerror or err})") from None
 
 
+# Control chars (C0 and C1) but newline and tab: on a terminal they ring the bell, move the cursor or start an escape
+# sequence, which a model trained on a binary file or on text holding them generates as readily as letters.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` as a terminal shows it faithfully: each control char but newline and tab written as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def header(i: int, n: int) -> str:
     return f"=== sample {i + 1} of {n} ==="
 
@@ -117,12 +128,14 @@ def generate(cfg: DictConfig, stream: TextIO | None = None) -> list[str]:
     prompt = gen.clean_prompt(read_prompt(cfg), cfg.unknown)
 
     on_chars = None
+    # on a terminal control chars are shown escaped; a file or a pipe gets the text as it is
+    shown = printable if stream is not None and stream.isatty() else str
     if stream is not None and cfg.num_samples == 1:
-        stream.write(prompt)
+        stream.write(shown(prompt))
         stream.flush()
 
         def on_chars(chars: list[str]) -> None:
-            stream.write(chars[0])
+            stream.write(shown(chars[0]))
             stream.flush()
 
     before = torch.get_num_threads()
@@ -136,7 +149,7 @@ def generate(cfg: DictConfig, stream: TextIO | None = None) -> list[str]:
         torch.set_num_threads(before)
     texts = [prompt + text for text in texts]
     if stream is not None:
-        stream.write("\n" if cfg.num_samples == 1 else format_samples(texts))
+        stream.write("\n" if cfg.num_samples == 1 else shown(format_samples(texts)))
         stream.flush()
     if cfg.get("output"):
         write_output(str(cfg.output), format_samples(texts) + "\n")

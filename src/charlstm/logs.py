@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import warnings
 
+from charlstm.errors import process_rank
+
 # (logger name prefix, message start) of INFO lines libraries print on every run that say nothing to the user
 _CHATTER = (
     ("pytorch_lightning", "💡 Tip: For seamless cloud logging"),
@@ -19,12 +21,23 @@ _FILE_ONLY_PREFIXES = (
     "TPU available:",
     "HPU available:",
     "IPU available:",
+    "LOCAL_RANK: ",  # the CUDA devices a process sees, one line per process
     "Restoring states from the checkpoint path at",
     "Loaded model weights from the checkpoint at",
     # the precision plugin's announcement: the run's own start lines already say which precision and why
     "Using bfloat16 Automatic Mixed Precision",
     "Using 16bit Automatic Mixed Precision",
+    # why the fit loop stopped, and the Timer's note that max_time is up: the run's end lines say where it stopped
+    "`Trainer.fit` stopped:",
+    "Time limit reached.",
+    # said while the lr schedule sizes itself from the training batches (model.py, estimated_stepping_batches)
+    "Loading `train_dataloader` to estimate number of stepping batches",
+    # DDP's set-up banners (one per process, then a framed one): the model line says how many processes train
+    "Initializing distributed:",
+    "-" * 100 + "\ndistributed_backend=",
 )
+# the libraries whose lines above are kept off the console
+_FILE_ONLY_LOGGERS = ("pytorch_lightning", "lightning_fabric")
 
 
 class Chatter(logging.Filter):
@@ -38,12 +51,16 @@ class Chatter(logging.Filter):
 
 
 class ConsoleLines(logging.Filter):
-    """Keeps lines marked ``extra={"file_only": True}`` (and Lightning's device inventory) off the console."""
+    """Keeps lines marked ``extra={"file_only": True}`` (and Lightning's lines listed above) off the console, and
+    the info lines of every process but the first of a multi-process run (each would print the same start lines
+    again; their warnings and errors still show)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "file_only", False):
             return False
-        return not (record.name.startswith("pytorch_lightning") and str(record.msg).startswith(_FILE_ONLY_PREFIXES))
+        if record.levelno <= logging.INFO and process_rank() > 0:
+            return False
+        return not (record.name.startswith(_FILE_ONLY_LOGGERS) and str(record.msg).startswith(_FILE_ONLY_PREFIXES))
 
 
 def route_library_logs() -> None:
@@ -69,11 +86,6 @@ def quiet_known_warnings() -> None:
     # StreamDataset defines __len__ for the progress bar and is always read by one process (num_workers=0)
     warnings.filterwarnings(
         "ignore", message=r"Your `IterableDataset` has `__len__` defined", module=r"pytorch_lightning\."
-    )
-    # The model summary sizes parameters at 32 bits under a mixed precision, which is right: mixed precision keeps
-    # the weights in float32 (only bf16-true / 16-true weights are 16-bit, and those it sizes itself)
-    warnings.filterwarnings(
-        "ignore", message=r"Precision \S+-mixed is not supported by the model summary", module=r"pytorch_lightning\."
     )
     # Under DDP: val/* and test/* are logged after CharLSTMModule sums the loss and char count of every rank (each
     # scores its own share of the windows), so each rank logs the whole text's numbers already; train/* are

@@ -22,6 +22,30 @@ class RichBar(RichProgressBar):
         return f"{text:{len(self.validation_description)}}" if len(self.validation_description) > len(text) else text
 
 
+class ModelLine(Callback):
+    """One line when training starts, in place of Lightning's model summary table (``trainer.enable_model_summary``):
+    the network's layers, its parameters and their size, the precision, and the processes a DDP run trains in.
+    Lightning's table has one row for this model and a FLOPs column it cannot measure for it (always 0)."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        hp = pl_module.hparams
+        params = list(pl_module.parameters())
+        total = sum(p.numel() for p in params)
+        frozen = total - sum(p.numel() for p in params if p.requires_grad)
+        size = sum(p.numel() * p.element_size() for p in params)
+        size_text = f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 2**10:.1f} KB"
+        line = (
+            f"model: {hp.get('layers')} x {hp.get('units')} LSTM ({hp.get('encoding')} input, "
+            f"{len(hp.get('vocab', []))} chars), {total:,} parameters ({size_text}"
+            f"{f', {frozen:,} frozen' if frozen else ''}), precision {trainer.precision}"
+        )
+        if trainer.world_size > 1:
+            line += f", {trainer.world_size} processes ({type(trainer.strategy).__name__})"
+        log.info(line)
+
+
 def _fmt(metrics: dict[str, Any], key: str, digits: int = 4) -> str:
     value = metrics.get(key)
     return "n/a" if value is None else f"{float(value):.{digits}f}"

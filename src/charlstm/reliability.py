@@ -21,6 +21,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
+from charlstm.cli import command_line
 from charlstm.cluster import hand_over, requeue_signal
 from charlstm.errors import CharLSTMError, DivergenceError, TrainingInterrupted
 from charlstm.fileio import TMP_SUFFIX, atomic_write
@@ -267,7 +268,7 @@ class LastCheckpoint(Checkpoint):
             )  # fmt: skip
         raise TrainingInterrupted(
             f"{name} at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {path}; "
-            f"resume with: python train.py ckpt_path={path}",
+            f"resume with: {command_line('train.py', f'ckpt_path={path}')}",
             signum,
         )
 

@@ -24,6 +24,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 
 from charlstm import checkpoint, cluster
 from charlstm.callbacks import ConfigHParams, check_prompt, sample_prompt
+from charlstm.cli import command_line
 from charlstm.config import validate_train
 from charlstm.errors import (
     CharLSTMError,
@@ -37,7 +38,7 @@ from charlstm.errors import (
 from charlstm.hardware import resolve_precision
 from charlstm.jobranks import sweep_job_ranks
 from charlstm.logs import quiet_known_warnings, route_library_logs
-from charlstm.progress import FinalValidation, ValidationLog
+from charlstm.progress import FinalValidation, ModelLine, ValidationLog
 from charlstm.reliability import AtomicCheckpointIO, LastCheckpoint, ensure_last_checkpoint
 from charlstm.rundir import override_key
 from charlstm.vocab import char_list
@@ -194,7 +195,8 @@ def interrupted_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpo
     """The line for a stop that happened outside the save-and-stop path (before training, or a 2nd Ctrl-C)."""
     signum = signal.SIGTERM if isinstance(exc, SIGTERMException) else signal.SIGINT
     if last.last_saved_step is not None:
-        saved = f"the newest checkpoint is {last.path} (step {last.last_saved_step})"
+        saved = f"the newest checkpoint is {last.path} (step {last.last_saved_step}); resume with: " \
+                f"{command_line('train.py', f'ckpt_path={last.path}')}"  # fmt: skip
     else:
         saved = "no checkpoint was written by this run"
     return TrainingInterrupted(
@@ -313,7 +315,7 @@ def failed_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpoint, 
     what = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
     if last.last_saved_step is not None:
         saved = f"the last good state is {last.path} (step {last.last_saved_step}); resume with: " \
-                f"python train.py ckpt_path={last.path}"  # fmt: skip
+                f"{command_line('train.py', f'ckpt_path={last.path}')}"  # fmt: skip
     else:
         saved = "no checkpoint was written"
     logfile = out / "train.log"
@@ -415,7 +417,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     with open_dict(cfg):  # `auto`: bf16-mixed where the CPU has native bf16, else 32-true (one log line)
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
-    trainer = build_trainer(cfg, callbacks, loggers, enable_progress_bar=show_bar)
+    if cfg.trainer.get("enable_model_summary", True):
+        callbacks.append(ModelLine())  # the project's one line instead of Lightning's table
+    trainer = build_trainer(cfg, callbacks, loggers, enable_progress_bar=show_bar, enable_model_summary=False)
 
     if trainer.is_global_zero:
         log.info(describe(cfg, out))
@@ -470,6 +474,7 @@ def say(line: str) -> None:
 
 def report(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]) -> None:
     """Say where the run's files are, its validation bits/char and a short sample."""
+    from charlstm.generate import printable
     from charlstm.sampling import Generator
 
     trainer: pl.Trainer = objects["trainer"]
@@ -498,7 +503,7 @@ def report(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]) 
         gen = Generator.from_module(objects["model"])
         prompt = gen.clean_prompt(cfg.sample.prompt or sample_prompt(objects["datamodule"]))
         text = gen.generate(prompt, cfg.sample.length, cfg.sample.temperature, seed=cfg.seed or 0)[0]
-        say(f"sample (temperature {cfg.sample.temperature}):\n{prompt.lstrip(chr(10))}{text}")
+        say(f"sample (temperature {cfg.sample.temperature}):\n{printable(prompt.lstrip(chr(10)) + text)}")
 
 
 def remove_if_empty(folder: Path, root: Path) -> None:
