@@ -33,6 +33,21 @@ JOB_KEYS = ("optuna.storage", "optuna.study", "optuna.trial")
 SPACE_HELP = "choice(a,b,...), range(start,stop[,step]), interval(low,high) or tag(log,interval(low,high))"
 
 
+def search_needs_multirun() -> None:
+    """``python train.py hparams_search=lstm`` without ``-m`` would train one plain run: refused, naming the fix."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    choice = hydra_cfg.runtime.choices.get("hparams_search")
+    if choice and hydra_cfg.mode == RunMode.RUN:
+        args = " ".join(str(o) for o in hydra_cfg.overrides.task)
+        raise ConfigError(f"hparams_search={choice} is a search, which runs with -m (without it this would train one "
+                          f"plain run): python train.py -m {args}")  # fmt: skip
+
+
 # -- the search space ---------------------------------------------------------------------------------------------
 def distribution(key: str, text: str, value: Any = None) -> optuna.distributions.BaseDistribution:
     """The Optuna distribution a Hydra sweep expression describes (``range`` excludes its stop, as in Hydra)."""
