@@ -22,8 +22,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from charlstm.fileio import atomic_write_text
 from charlstm.errors import exit_on_error
+from charlstm.fileio import atomic_write_text
 from charlstm.rundir import fixed_keys, swept_overrides
 from charlstm.sweepdir import earlier_jobs, hold, release
 

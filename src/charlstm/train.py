@@ -442,7 +442,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         except (KeyboardInterrupt, SystemExit) as exc:
             raise reached(interrupted_error(exc, trainer, last), objects) from None
         except CharLSTMError as err:
-            raise reached(err, objects)
+            reached(err, objects)
+            raise
         except Exception as exc:  # a bug or a library failure: say where the last good state is
             raise reached(failed_error(exc, trainer, last, out), objects) from exc
 
