@@ -617,7 +617,7 @@ def run(cfg: DictConfig) -> float | None:
     folder, job = hydra_run_dir(), sweep_job()
     try:
         try:
-            search_needs_multirun()
+            search_needs_multirun(cfg)
             metrics, objects = train(cfg)
         except KeyboardInterrupt:
             raise TrainingInterrupted("SIGINT before training started; nothing to save", signal.SIGINT) from None
