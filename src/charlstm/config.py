@@ -280,8 +280,8 @@ def _file_setting(key: str) -> str:
                 continue
             for source in sources:
                 path = source / group / f"{choice}.yaml"
-                try:
-                    if path.is_file() and key in OmegaConf.load(path):
+                try:  # only a file of the global package (a recipe, a preset) sets top-level keys
+                    if path.is_file() and "@package _global_" in path.read_text() and key in OmegaConf.load(path):
                         return f"set in {path}"
                 except (OSError, OmegaConfBaseException):
                     continue
