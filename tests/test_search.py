@@ -64,10 +64,11 @@ def test_search_keeps_its_study_in_sqlite_and_ends_with_a_summary(searched):
     rows = summary(sweep_dir)
     assert sorted(int(r["job"]) for r in rows) == [0, 1, 2]
     assert {r["state"] for r in rows} <= {"complete", "pruned"}
-    for row in rows:  # each trial's folder names its searched values, never the trial bookkeeping keys
+    for row in rows:  # each trial's folder names every searched value, never the trial bookkeeping keys
         folder = sweep_dir / row["folder"]
         assert (folder / "result.json").is_file() and "optuna." not in folder.name
-        assert f"data.seq_len={trials[int(row['job'])].params['data.seq_len']}" in folder.name
+        for key, value in trials[int(row["job"])].params.items():
+            assert f"{key.rsplit('.', 1)[-1]}={search.override(key, value).split('=', 1)[1]}" in folder.name
     best = load(sweep_dir).best_trial
     line = next(x for x in done.stdout.splitlines() if x.strip().startswith("python train.py"))
     for key, value in best.params.items():

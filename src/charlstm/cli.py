@@ -132,6 +132,27 @@ def _keys_near(config_dir: Path, config_name: str, args: Sequence[str], key: str
     return [f"{parent}.{k}" if parent else str(k) for k in node]
 
 
+def _group_and_file(config_dir: Path, config_name: str, args: Sequence[str], group: str, name: str):
+    """The configs of ``group``, and the file of the config ``name`` (``experiment/mine``), in the config search
+    path of this command (``configs/`` and the folders its ``hydra.searchpath`` adds)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    folders, options = [Path(config_dir)], []
+    try:
+        for override in OverridesParser.create().parse_overrides(_overrides(args)):
+            if override.get_key_element() == "hydra.searchpath":
+                folders += [Path(str(p)[7:]) for p in override.value() or [] if str(p).startswith("file://")]
+        with initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):
+            loader = GlobalHydra.instance().config_loader()
+            options = sorted(loader.get_group_options(group, config_name=config_name, overrides=_overrides(args)))
+    except Exception:  # the search path itself is broken: no suggestion then
+        pass
+    path = next((f / f"{name}.yaml" for f in folders if (f / f"{name}.yaml").is_file()), folders[0] / f"{name}.yaml")
+    return options, os.path.relpath(path) if path.resolve().is_relative_to(Path.cwd()) else str(path)
+
+
 def hydra_error_line(err: BaseException, config_dir: Path, config_name: str, args: Sequence[str]) -> str:
     """One line for an error Hydra raised while reading the command line or composing the config."""
     from hydra.errors import MissingConfigException, OverrideParseException
@@ -140,6 +161,13 @@ def hydra_error_line(err: BaseException, config_dir: Path, config_name: str, arg
     if isinstance(err, MissingConfigException) and err.missing_cfg_file:
         group, _, name = str(err.missing_cfg_file).rpartition("/")
         options = list(err.options or [])
+        parent = re.match(r"In '([^']+)': Could not load", str(err))
+        if group and parent:  # a config file's own defaults list names a file that is not there
+            options, path = _group_and_file(config_dir, config_name, args, group, parent.group(1))
+            return (
+                f"{path}: its defaults list names {name}, which is not a config in {group}/; "
+                f"{_closest(name, options)}choices: {', '.join(options) or 'none'}"
+            )
         if group:
             return (
                 f"{group}={name} is not a known choice; {_closest(name, options)}"

@@ -7,6 +7,7 @@ import inspect
 import math
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -247,6 +248,44 @@ def check_known_keys(cfg: DictConfig, sections: tuple[str, ...] = ("data", "mode
                 close = difflib.get_close_matches(str(key), names, n=1)
                 hint = f"did you mean {prefix}.{close[0]}?" if close else f"settings: {', '.join(names)}"
                 raise ConfigError(f"{prefix}.{key} is not a setting of {node._target_}; {hint}")
+
+
+# The top-level keys of configs/train.yaml and its groups (hparams_search adds optuna); any other comes from a typo in
+# a config file, e.g. `modle:` in a recipe (a typo on the command line Hydra refuses itself)
+TOP_LEVEL_KEYS = ("task_name", "seed", "ckpt_path", "optimized_metric", "sample", "data", "model", "trainer",
+                  "callbacks", "logger", "paths", "optuna")  # fmt: skip
+
+
+def check_top_level(cfg: DictConfig, overrides: list[str]) -> None:
+    """Every top-level key is one of :data:`TOP_LEVEL_KEYS` or added on the command line on purpose (``+key=...``)."""
+    added = {o.split("=", 1)[0].lstrip("+").split(".")[0] for o in overrides if o.startswith("+")}
+    for key in cfg:
+        if key in TOP_LEVEL_KEYS or key in added:
+            continue
+        close = difflib.get_close_matches(str(key), TOP_LEVEL_KEYS, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"settings there: {', '.join(TOP_LEVEL_KEYS)}"
+        raise ConfigError(f"{key} is not a setting: {hint} ({_file_setting(str(key))}; to add a new key on purpose: "
+                          f"+{key}=VALUE)")  # fmt: skip
+
+
+def _file_setting(key: str) -> str:
+    """Which chosen config file sets the top-level ``key`` (a recipe, a debug preset ...), as far as can be told."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        sources = [Path(s.path) for s in hydra_cfg.runtime.config_sources if s.schema == "file"]
+        for group, choice in hydra_cfg.runtime.choices.items():
+            if choice is None or group.startswith("hydra"):
+                continue
+            for source in sources:
+                path = source / group / f"{choice}.yaml"
+                try:  # only a file of the global package (a recipe, a preset) sets top-level keys
+                    if path.is_file() and "@package _global_" in path.read_text() and key in OmegaConf.load(path):
+                        return f"set in {path}"
+                except (OSError, OmegaConfBaseException):
+                    continue
+    return "set in a config file"
 
 
 def check_consistent(cfg: DictConfig) -> None:

@@ -34,8 +34,11 @@ FIXED_ENV = "CHARLSTM_SWEEP_FIXED"
 # Longest override part of a job folder name; longer ones are cut and end in a short hash of the whole
 NAME_LIMIT = 100
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@-]+")
-# What a folder may hold and still count as unused: Hydra's copy of the config, a sweep's multirun.yaml, the log
-BOOKKEEPING = (".hydra", "multirun.yaml", "train.log")
+# The lock a running sweep holds on its sweep folder (charlstm.sweepdir)
+SWEEP_LOCK = ".sweep.lock"
+# What a folder may hold and still count as unused: Hydra's copy of the config, a sweep's multirun.yaml and lock,
+# the log
+BOOKKEEPING = (".hydra", "multirun.yaml", SWEEP_LOCK, "train.log")
 # The folders claim_dir made in this process, each with the parents it made for it (innermost first)
 _made: dict[Path, list[Path]] = {}
 
@@ -125,19 +128,45 @@ def swept_overrides(overrides: Sequence[str], fixed: Iterable[str] | None = None
     """A sweep job's own overrides: those of the swept keys, sorted by key. ``fixed`` defaults to the keys the
     running multirun's command line fixes; without one, every override but ``paths.*`` counts."""
     if fixed is None:
-        fixed = json.loads(os.environ.get(FIXED_ENV, "null")) or ["paths"]
-    fixed = set(fixed)
+        fixed = json.loads(os.environ.get(FIXED_ENV, "null"))
+    known = fixed is not None
+    fixed = set(fixed or ())
 
     def is_fixed(key: str) -> bool:
-        return key in fixed or any(key.startswith(f + ".") for f in fixed)
+        # only the key itself: a group chosen on the command line (data=file) leaves its keys (data.seq_len) swept
+        return key in fixed if known else key == "paths" or key.startswith("paths.")
 
     return sorted((o for o in overrides if not is_fixed(override_key(o))), key=override_key)
 
 
+def short_keys(overrides: Sequence[str]) -> list[str]:
+    """``overrides`` with each key cut to its last part (``model.weight_decay=0.01`` -> ``weight_decay=0.01``), or to
+    as many last parts as keep it apart from the other keys (``data.x=1`` and ``model.x=2`` stay whole)."""
+    keys = [override_key(o) for o in overrides]
+
+    def tail(key: str, n: int) -> str:
+        return ".".join(key.split(".")[-n:])
+
+    short = []
+    for override, key in zip(overrides, keys, strict=True):
+        n = 1
+        while n < key.count(".") + 1 and sum(tail(k, n) == tail(key, n) for k in keys) > 1:
+            n += 1
+        prefix, _, value = override.partition(key)
+        short.append(f"{prefix}{tail(key, n)}{value}")
+    return short
+
+
 def job_dirname(num: int | str, overrides: Sequence[str]) -> str:
     """``0_data.seq_len=50,model.units=64``: the job number, then its swept overrides made safe; ``0`` alone when
-    nothing is swept."""
-    return f"{num}_{safe_name(','.join(overrides))}" if overrides else str(num)
+    nothing is swept. Overrides longer than :data:`NAME_LIMIT` together name their keys by the last part only
+    (``3_batch_size=64,...,units=512,weight_decay=0.0034``: a search's seven values all stay in the name)."""
+    if not overrides:
+        return str(num)
+    text = ",".join(overrides)
+    if len(text) > NAME_LIMIT:
+        text = ",".join(short_keys(overrides))
+    return f"{num}_{safe_name(text)}"
 
 
 # -- the claims of this command ---------------------------------------------------------------------------------

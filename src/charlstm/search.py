@@ -20,6 +20,7 @@ from charlstm.rundir import override_key
 
 if TYPE_CHECKING:
     import optuna
+    from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,23 @@ ERROR = "error"
 # the keys through which a job finds its trial; never part of a run's settings (nor of its folder's name)
 JOB_KEYS = ("optuna.storage", "optuna.study", "optuna.trial")
 SPACE_HELP = "choice(a,b,...), range(start,stop[,step]), interval(low,high) or tag(log,interval(low,high))"
+
+
+def search_needs_multirun(cfg: DictConfig) -> None:
+    """``python train.py hparams_search=lstm`` without ``-m`` would train one plain run: refused, naming the fix (a
+    run given its trial, ``optuna.trial=N``, is one trial of a search and runs)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized() or OmegaConf.select(cfg, "optuna.trial") is not None:
+        return
+    hydra_cfg = HydraConfig.get()
+    choice = hydra_cfg.runtime.choices.get("hparams_search")
+    if choice and hydra_cfg.mode == RunMode.RUN:
+        args = " ".join(str(o) for o in hydra_cfg.overrides.task)
+        raise ConfigError(f"hparams_search={choice} is a search, which runs with -m (without it this would train one "
+                          f"plain run): python train.py -m {args}")  # fmt: skip
 
 
 # -- the search space ---------------------------------------------------------------------------------------------

@@ -22,8 +22,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from charlstm.errors import exit_on_error
 from charlstm.fileio import atomic_write_text
 from charlstm.rundir import fixed_keys, swept_overrides
+from charlstm.sweepdir import earlier_jobs, hold, release
 
 RESULT = "result.json"
 COMPLETE, FAILED, INTERRUPTED, PRUNED, MISSING = "complete", "failed", "interrupted", "pruned", "no result"
@@ -242,7 +244,8 @@ def write_summary(
 def summarize(sweep_dir: str | os.PathLike[str], metric: str = "val/bpc_best", direction: str = "minimize"):
     """Collect the rows of ``sweep_dir``, write the summary files and print the table; returns the ranked rows."""
     sweep_dir = Path(sweep_dir)
-    rows = collect_rows(sweep_dir)
+    earlier = earlier_jobs(sweep_dir)  # an earlier sweep's jobs in the same folder are not this one's
+    rows = [row for row in collect_rows(sweep_dir) if row["folder"] not in earlier]
     md = write_summary(sweep_dir, rows, metric, direction)
     ranked = _written[sweep_dir.resolve()]
     jobs = f"{len(ranked)} job" + ("" if len(ranked) == 1 else "s")
@@ -269,24 +272,33 @@ def failures_line(rows: Sequence[dict[str, Any]], sweep_dir: Path, failures: Seq
 
 
 class SweepSummary(Callback):
-    """Hydra callback: when a multirun ends, write and print its summary (unless its sweeper already wrote one),
-    then exit with status 1 when a job failed."""
+    """Hydra callback: a multirun holds its sweep folder while it runs (a second sweep there is refused); when it
+    ends, write and print its summary of its own jobs (unless its sweeper already wrote one), then exit with status
+    1 when a job failed."""
 
     def __init__(self, metric: str = "val/bpc_best", direction: str = "minimize") -> None:
         self.metric = metric or "val/bpc_best"
         self.direction = direction
         self.sweep_dir: Path | None = None
 
+    @exit_on_error  # Hydra turns an exception raised by a callback into a warning and goes on
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        hold(self.sweep_dir)
+        _written.pop(self.sweep_dir.resolve(), None)  # a summary this process wrote there before is another sweep's
+        _failures.pop(self.sweep_dir.resolve(), None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = self.sweep_dir or Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():
+            release(sweep_dir)
             return
-        rows = _written.get(sweep_dir.resolve())
-        if rows is None:
-            rows = summarize(sweep_dir, self.metric, self.direction)
+        try:
+            rows = _written.get(sweep_dir.resolve())
+            if rows is None:
+                rows = summarize(sweep_dir, self.metric, self.direction)
+        finally:
+            release(sweep_dir)
         line = failures_line(rows, sweep_dir, _failures.get(sweep_dir.resolve(), FAILURES))
         if line is not None:
             print(f"error: {line}", file=sys.stderr, flush=True)

@@ -25,7 +25,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from charlstm import checkpoint, cluster
 from charlstm.callbacks import ConfigHParams, check_prompt, sample_prompt
 from charlstm.cli import command_line
-from charlstm.config import validate_train
+from charlstm.config import check_top_level, validate_train
 from charlstm.errors import (
     CharLSTMError,
     CheckpointError,
@@ -41,6 +41,7 @@ from charlstm.logs import quiet_known_warnings, route_library_logs
 from charlstm.progress import FinalValidation, ModelLine, ValidationLog
 from charlstm.reliability import AtomicCheckpointIO, LastCheckpoint, ensure_last_checkpoint
 from charlstm.rundir import override_key
+from charlstm.search import search_needs_multirun
 from charlstm.vocab import char_list
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,12 @@ def instantiate_named(group: DictConfig | None) -> list[Any]:
 
 RUN_FILES = ("config.yaml",)
 AXES = ("step", "epoch")  # logged by the model for TensorBoard's x-axes, not results
+
+
+def scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """The run's numbers as floats: Lightning's callback metrics but the x-axes the model gives TensorBoard."""
+    found = trainer.callback_metrics
+    return {k: float(v) for k, v in found.items() if torch.is_tensor(v) and v.numel() == 1 and k not in AXES}
 # Set by rank 0 when it resolves `ckpt_path=last`, so DDP ranks started later resume the very same file.
 RESUME_ENV = "CHARLSTM_RESUME_PATH"
 
@@ -189,6 +196,13 @@ def save_run_config(cfg: DictConfig, out: Path, resumed: Path | None, step: int)
         (hydra_dir / "resumed.txt").write_text(
             f"this command resumed {resumed} (step {step}); its checkpoints and TensorBoard events are in {out}\n"
         )
+
+
+def reached(err: CharLSTMError, objects: dict[str, Any]) -> CharLSTMError:
+    """``err`` carrying the run's objects, so that the ``result.json`` of a run stopped by it keeps the steps,
+    metrics and validation curve the run had reached."""
+    err.objects = objects
+    return err
 
 
 def interrupted_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpoint) -> TrainingInterrupted:
@@ -358,6 +372,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any], **o
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train a model as configured; returns the final metrics and the objects built (for tests and callers)."""
     overrides = hydra_overrides()
+    if overrides is not None:  # composed by Hydra from the config files (a caller's config may add its own keys)
+        check_top_level(cfg, overrides)
     if cfg.get("ckpt_path") and overrides is not None:
         run_dir = run_folder_of(resolve_resume(cfg))
         if run_dir is not None:
@@ -425,6 +441,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info(describe(cfg, out))
         save_run_config(cfg, out, ckpt_path, step)
     del ckpt
+    objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer,
+               "callbacks": callbacks, "loggers": loggers, "output_dir": out}  # fmt: skip
     with sweep_job_ranks(trainer):  # DDP in a multirun job: its other ranks run this job, then end
         try:
             with warnings.catch_warnings():
@@ -434,21 +452,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                     model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
                 )
         except (KeyboardInterrupt, SystemExit) as exc:
-            raise interrupted_error(exc, trainer, last) from None
-        except CharLSTMError:
+            raise reached(interrupted_error(exc, trainer, last), objects) from None
+        except CharLSTMError as err:
+            reached(err, objects)
             raise
         except Exception as exc:  # a bug or a library failure: say where the last good state is
-            raise failed_error(exc, trainer, last, out) from exc
+            raise reached(failed_error(exc, trainer, last, out), objects) from exc
 
         if "val/bpc" not in trainer.callback_metrics and trainer.enable_validation and trainer.global_step > 0:
             # no validation fell inside the run (e.g. check_val_every_n_epoch beyond max_epochs): score it once now
             trainer.validate(model, datamodule=datamodule, verbose=False)
-    found = trainer.callback_metrics  # but `step` and `epoch`, the x-axes the model gives TensorBoard's points
-    metrics = {k: float(v) for k, v in found.items() if torch.is_tensor(v) and v.numel() == 1 and k not in AXES}
+    metrics = scalar_metrics(trainer)
     if getattr(datamodule, "test_ids", None) is not None and trainer.global_step > 0:
         metrics.update(score_test(trainer, model, datamodule))
-    objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer,
-               "callbacks": callbacks, "loggers": loggers, "output_dir": out}  # fmt: skip
     return metrics, objects
 
 
@@ -566,6 +582,8 @@ def run_result(
                               "params": params, "metrics": metrics or {}}  # fmt: skip
     if objects is not None:
         trainer, callbacks = objects["trainer"], objects["callbacks"]
+        if metrics is None:  # a stopped run: what it had reached
+            result["metrics"] = scalar_metrics(trainer)
         history = next((cb.history for cb in callbacks if isinstance(cb, ValidationLog)), [])
         result.update(steps=trainer.global_step, train_seconds=objects["model"].train_seconds(),
                       run_dir=str(objects["output_dir"]), history=[list(p) for p in history])  # fmt: skip
@@ -585,7 +603,7 @@ def record_failure(cfg: DictConfig, exc: BaseException, folder: Path, seconds: f
     interrupted = isinstance(exc, TrainingInterrupted | KeyboardInterrupt)
     pruned = "TrialPruned" in (type(exc).__name__, type(exc.__cause__).__name__)
     state = INTERRUPTED if interrupted else PRUNED if pruned else FAILED
-    result = run_result(cfg, state, seconds, error=exc)
+    result = run_result(cfg, state, seconds, getattr(exc, "objects", None), error=exc)
     write_result(folder, result)
     if not interrupted:
         if not isinstance(exc, CharLSTMError):
@@ -610,6 +628,7 @@ def run(cfg: DictConfig) -> float | None:
     folder, job = hydra_run_dir(), sweep_job()
     try:
         try:
+            search_needs_multirun(cfg)
             metrics, objects = train(cfg)
         except KeyboardInterrupt:
             raise TrainingInterrupted("SIGINT before training started; nothing to save", signal.SIGINT) from None
@@ -625,7 +644,8 @@ def run(cfg: DictConfig) -> float | None:
                 from charlstm.summary import FAILED, INTERRUPTED, write_result
 
                 state = INTERRUPTED if isinstance(exc, TrainingInterrupted) else FAILED
-                write_result(folder, run_result(cfg, state, time.monotonic() - started, error=exc))
+                objects = getattr(exc, "objects", None)
+                write_result(folder, run_result(cfg, state, time.monotonic() - started, objects, error=exc))
             raise
         record_failure(cfg, exc, folder, time.monotonic() - started)
         if isinstance(exc, Exception) and not isinstance(exc, TrainingInterrupted):
