@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -118,10 +119,8 @@ def _on_sigint_at_exit(signum: int, frame: Any) -> None:
 def _exit_status_after_interrupt() -> None:
     if _interrupted_at_exit:
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):  # closed, or the reader went away
                 stream.flush()
-            except (OSError, ValueError):  # closed, or the reader went away
-                pass
         os._exit(128 + signal.SIGINT)
 
 
