@@ -3,6 +3,7 @@ processes share one study, and a trial is run again only when its process is gon
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sqlite3
 import subprocess
@@ -105,14 +106,17 @@ def test_a_trial_whose_process_is_gone_runs_again_and_is_not_counted(tmp_path):
     assert again.number == 2 and again.params == left.params and again.user_attrs[search.RETRY_OF] == 1
 
 
-def running(db: Path) -> list[int]:
-    if not db.exists():
-        return []
+def running(db: Path, beating: bool = False) -> list[int]:
+    """The numbers of the trials running in the study's SQLite file (with ``beating``, those whose heartbeat has
+    started), read without writing to it."""
+    query = "SELECT t.number FROM trials t WHERE t.state = 'RUNNING'"
+    if beating:
+        query += " AND t.trial_id IN (SELECT trial_id FROM trial_heartbeats)"
     try:
-        study = optuna.load_study(study_name="lstm", storage=f"sqlite:///{db}")
-    except KeyError:  # not created yet
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            return [n for (n,) in con.execute(query)]
+    except sqlite3.OperationalError:  # not made yet
         return []
-    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
 
 
 def start_search(tmp_path: Path, data_dir: Path, n_trials: int, *extra: str) -> subprocess.Popen:
@@ -125,11 +129,12 @@ def start_search(tmp_path: Path, data_dir: Path, n_trials: int, *extra: str) -> 
 
 def stop_during_a_trial(proc: subprocess.Popen, db: Path, signum: int) -> int:
     """Send ``signum`` (SIGSTOP or SIGKILL) to the search ``proc`` while one of its trials is running; its number."""
+    beating = signum == signal.SIGKILL  # a process gone before its trial's first heartbeat leaves it running
     while proc.poll() is None:
-        if running(db):
+        if running(db, beating):
             proc.send_signal(signum)
             time.sleep(0.5)  # the signal lands
-            numbers = running(db)
+            numbers = running(db, beating)
             if numbers:
                 return numbers[0]
             if signum == signal.SIGSTOP:  # the trial ended just before: on to the next one

@@ -157,12 +157,16 @@ def open_storage(url: str, heartbeat_interval: int | None = HEARTBEAT_SECONDS) -
         ) from None
     shown = parsed.render_as_string(hide_password=True)
     sqlite = parsed.get_backend_name() == "sqlite"
+    # several search processes on one SQLite file wait for each other's writes (5 s by default)
+    settings = {"heartbeat_interval": heartbeat_interval,
+                "engine_kwargs": {"connect_args": {"timeout": 60}} if sqlite else None}  # fmt: skip
     try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=heartbeat_interval,
-            # several search processes on one SQLite file wait for each other's writes (5 s by default)
-            engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
-        )  # fmt: skip
+        try:
+            return optuna.storages.RDBStorage(url, **settings)
+        except SQLAlchemyError as err:  # another process made the tables of the new storage at the same moment
+            if "already exists" not in str(err):
+                raise
+            return optuna.storages.RDBStorage(url, **settings)
     except ImportError as err:
         module = getattr(err.__cause__, "name", None) or parsed.drivername
         package = DRIVER_PACKAGES.get(str(module).split(".")[0], str(module).split(".")[0])
