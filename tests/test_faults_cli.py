@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import SHRINK, cli_env
+from charlstm.cli import split_by_shell
+from charlstm.data import fixed_vocab
+from charlstm.errors import ConfigError
+from tests.cli import SHRINK, cli_env, one_line_error, run_cli
+from tests.conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,3 +108,31 @@ def test_ctrl_c_at_a_moment_of_a_training_command_exits_130_with_at_most_one_lin
     assert done.returncode == 130, err[-3000:]
     lines = short_stderr(done)
     assert len(lines) <= 1 and all(line.startswith("interrupted: SIGINT") for line in lines), lines
+
+
+# -- lists and escapes typed in a shell ----------------------------------------------------------------------------
+# `python train.py data.vocab=["\n", " ", "!", "-", "a"]` typed unquoted: what bash passes
+SPLIT_VOCAB = ["data.vocab=[\\n,", " ,", "!,", "-,", "a]"]
+
+
+@pytest.mark.parametrize("pieces", [SPLIT_VOCAB, [*SPLIT_VOCAB[:3], "a]"], ["model.units=choice(64,", "128)"]])
+def test_an_override_the_shell_split_at_its_spaces_is_one_line_saying_how_to_quote(tmp_path, pieces):
+    done = run_cli("train.py", *pieces, f"paths.outputs_root={tmp_path}", cwd=tmp_path)
+    line = one_line_error(done)
+    key = pieces[0].split("=")[0]
+    assert line.startswith(f"error: {pieces[0]}... was split by the shell at its spaces into {len(pieces)} arguments")
+    assert "put the whole override in single quotes" in line and f"'{key}=[" in line
+    assert not list(tmp_path.glob("20*"))  # refused before any run folder
+
+
+def test_a_list_with_its_brackets_closed_is_left_to_hydra():
+    assert split_by_shell(["data.vocab=[a,b]", "model.units=choice(8,16)", "prompt=a (b", "x=1"]) is None
+
+
+def test_data_vocab_takes_the_usual_escapes_from_the_command_line():
+    cfg = compose_cfg("train", ['data.vocab=["\\n", " ", "\\t", "\\\\", "\\u00e9", a, "\\x21"]'])
+    assert fixed_vocab(cfg.data.vocab).to_list() == ["\n", " ", "\t", "\\", "é", "a", "!"]
+    with pytest.raises(ConfigError, match=r"data.vocab element '\\\\q' is not a single character.*escapes name one"):
+        fixed_vocab(["a", "\\q"])
+    with pytest.raises(ConfigError, match=r"data.vocab lists '\\n' twice"):
+        fixed_vocab(["\n", "\\n"])
