@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -136,3 +137,73 @@ def test_data_vocab_takes_the_usual_escapes_from_the_command_line():
         fixed_vocab(["a", "\\q"])
     with pytest.raises(ConfigError, match=r"data.vocab lists '\\n' twice"):
         fixed_vocab(["\n", "\\n"])
+
+
+# -- values too large for the machine -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_dir) -> dict:
+    """A tiny trained checkpoint and a 1 MB text in its vocabulary."""
+    from omegaconf import open_dict
+
+    from charlstm.train import train
+    from tests.conftest import TINY
+
+    root = tmp_path_factory.mktemp("faults_run")
+    cfg = compose_cfg("train", [*TINY, "sample.length=0", "callbacks.text_sample=null"])
+    with open_dict(cfg):
+        cfg.paths.output_dir, cfg.paths.outputs_root, cfg.paths.data_dir = str(root / "run"), str(root), str(data_dir)
+    _, objects = train(cfg)
+    dm = objects["datamodule"]
+    text = dm.vocab.decode(dm.train_ids)
+    big = root / "big.txt"
+    big.write_text(text * (2**20 // len(text) + 1), encoding="utf-8")
+    return {"ckpt": root / "run" / "checkpoints" / "last.ckpt", "text": big, "root": root}
+
+
+def run_under_memory_limit(
+    tmp_path: Path, script: str, *args: str, headroom: int = 2**30
+) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` with an address-space limit (``ulimit -v``) of ``headroom`` bytes beyond what the
+    libraries it imports take: a machine or a job with little memory, on any machine."""
+    code = textwrap.dedent(f"""
+        import os, resource, runpy, sys
+        import torch, hydra, omegaconf, pytorch_lightning
+        import charlstm.train, charlstm.evaluate, charlstm.generate, charlstm.cli
+        mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + {headroom}, resource.RLIM_INFINITY))
+        sys.argv = [{str(ROOT / script)!r}, *{list(args)!r}]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    """)
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def test_generate_threads_beyond_the_cores_is_one_line(tmp_path):
+    from charlstm.hardware import usable_cores
+
+    done = run_cli("generate.py", "ckpt=none.ckpt", "threads=100000", cwd=tmp_path)
+    line = one_line_error(done)
+    assert line.startswith("error: threads=100000 is not allowed") and f"from 1 to {usable_cores()}" in line
+
+
+def test_num_samples_beyond_the_memory_is_one_line_before_any_allocation(tmp_path, tiny_run):
+    done = run_under_memory_limit(tmp_path, "generate.py", f"ckpt={tiny_run['ckpt']}", "num_samples=100000000")
+    line = one_line_error(done)
+    assert line.startswith("error: num_samples=100000000 needs at least ") and "lower num_samples (at most" in line
+
+
+def test_eval_batch_size_beyond_the_memory_is_one_line(tmp_path, tiny_run):
+    args = [f"ckpt={tiny_run['ckpt']}", "data=file", f"data.path={tiny_run['text']}", "batch_size=100000000"]
+    done = run_under_memory_limit(tmp_path, "eval.py", *args, headroom=2**28)
+    line = one_line_error(done)
+    assert line.startswith("error: batch_size=100000000 needs at least ") and "windows of" in line
+    assert "lower batch_size (at most" in line
+
+
+def test_a_training_batch_beyond_the_memory_is_one_line_and_leaves_no_run_folder(tmp_path, data_dir):
+    args = [*SHRINK, "~experiment", "data.max_chars=200000", "data.batch_size=100000", "trainer.max_steps=1",
+            f"paths.data_dir={data_dir}", f"paths.outputs_root={tmp_path / 'outputs'}"]  # fmt: skip
+    done = run_under_memory_limit(tmp_path, "train.py", *args, headroom=2**28)
+    line = one_line_error(done)
+    assert line.startswith("error: data.batch_size=100000 needs at least ") and "lower data.batch_size" in line
+    assert not list((tmp_path / "outputs").rglob("*.yaml"))  # no run folder left behind
