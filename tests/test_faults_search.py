@@ -176,3 +176,20 @@ def test_a_trial_of_a_killed_search_process_runs_again_in_another(tmp_path, data
     (retry,) = [t for t in study.trials if t.user_attrs.get(search.RETRY_OF) == killed]
     assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED) and retry.params == study.trials[killed].params
     assert search.counted(study) == 3
+
+
+def test_a_new_storage_opened_by_two_processes_at_once_is_made_once(tmp_path, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    made = []
+    real = optuna.storages.RDBStorage
+
+    def racing(url, **settings):  # the other process made the tables between this one's check and its own CREATE
+        if not made:
+            made.append(real(url, **settings))
+            raise OperationalError("CREATE TABLE version_info", {}, Exception("table version_info already exists"))
+        return real(url, **settings)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    storage = search.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    assert storage.get_heartbeat_interval() == search.HEARTBEAT_SECONDS and len(made) == 1
