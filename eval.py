@@ -1,8 +1,9 @@
 """python eval.py ckpt=PATH|last [data=file data.path=X] [key=value ...]: see configs/eval.yaml."""
 
-from pathlib import Path
-
-from charlstm.cli import hydra_entry
-
 if __name__ == "__main__":
-    hydra_entry(Path(__file__).resolve().parent / "configs", "eval", "charlstm.evaluate:run")
+    try:  # Ctrl-C at any moment, even while the imports load: exit status 130, no traceback (charlstm.errors)
+        from charlstm.errors import run_command
+
+        run_command(__file__, "eval", "charlstm.evaluate:run")
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

@@ -1,8 +1,9 @@
 """python generate.py ckpt=PATH|last prompt="..." [key=value ...]: see configs/generate.yaml."""
 
-from pathlib import Path
-
-from charlstm.cli import hydra_entry
-
 if __name__ == "__main__":
-    hydra_entry(Path(__file__).resolve().parent / "configs", "generate", "charlstm.generate:run", plain=True)
+    try:  # Ctrl-C at any moment, even while the imports load: exit status 130, no traceback (charlstm.errors)
+        from charlstm.errors import run_command
+
+        run_command(__file__, "generate", "charlstm.generate:run", plain=True)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

@@ -1,8 +1,9 @@
 """python train.py [key=value ...] [-m for sweeps]: see configs/train.yaml."""
 
-from pathlib import Path
-
-from charlstm.cli import hydra_entry
-
 if __name__ == "__main__":
-    hydra_entry(Path(__file__).resolve().parent / "configs", "train", "charlstm.train:run")
+    try:  # Ctrl-C at any moment, even while the imports load: exit status 130, no traceback (charlstm.errors)
+        from charlstm.errors import run_command
+
+        run_command(__file__, "train", "charlstm.train:run")
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

@@ -160,16 +160,9 @@ def test_a_pruned_run_records_pruned_in_its_result(tmp_path, data_dir):
     assert result["state"] == "pruned" and result["pruned_at_step"] == 2 and result["steps"] == 2
 
 
-def test_a_search_that_died_reruns_its_running_trial_and_does_not_count_it(tmp_path):
+def test_a_continued_study_keeps_its_settings_and_direction(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    study = search.open_study(url, "s", "minimize", ["a=1"], 0, 1, {})
-    study.tell(study.ask({"x": FloatDistribution(0, 1)}), 0.5)
-    left = study.ask({"x": FloatDistribution(0, 1)})  # the process dies here: trial 1 stays RUNNING
-    study = search.open_study(url, "s", "minimize", ["a=1"], 0, 1, {})
-    assert study.trials[1].state == TrialState.FAIL and study.trials[1].user_attrs[search.INTERRUPTED]
-    assert search.counted(study) == 1
-    again = study.ask({"x": FloatDistribution(0, 1)})
-    assert again.number == 2 and again.params == left.params and again.user_attrs[search.RETRY_OF] == 1
+    search.open_study(url, "s", "minimize", ["a=1"], 0, 1, {})
     with pytest.raises(ConfigError, match=r"was run with a=1; continue it with the same settings"):
         search.open_study(url, "s", "minimize", ["a=2"], 0, 1, {})
     with pytest.raises(ConfigError, match=r"hydra.sweeper.direction"):

@@ -127,10 +127,7 @@ def test_seed_experiment_is_the_tutorial():
 
 def test_root_scripts_exist():
     root = Path(__file__).resolve().parents[1]
-    assert (
-        'hydra_entry(Path(__file__).resolve().parent / "configs", "train", "charlstm.train:run")'
-        in (root / "train.py").read_text()
-    )
+    assert 'run_command(__file__, "train", "charlstm.train:run")' in (root / "train.py").read_text()
 
 
 def test_a_held_out_test_text_is_scored_once_on_the_best_checkpoint(make_cfg):

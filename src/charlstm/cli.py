@@ -301,6 +301,33 @@ def plain_config(config_dir: Path, config_name: str, args: Sequence[str]) -> Any
     return cfg
 
 
+_CLOSING = {"[": "]", "{": "}", "(": ")"}
+
+
+def split_by_shell(args: Sequence[str]) -> str | None:
+    """One line for an override the shell split at its spaces: ``data.vocab=["a", " ", "b"]`` typed unquoted arrives
+    as ``data.vocab=[a,`` `` ,`` ``b]``, which Hydra reports as an unreadable override or, when a piece starts with
+    ``-``, as unknown options under its usage text. None when every override's brackets close."""
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        if not eq or arg.startswith("-") or key.lstrip("+~") in (*LITERAL_KEYS, *PATH_KEYS):
+            continue
+        depth = sum(value.count(o) - value.count(c) for o, c in _CLOSING.items())
+        pieces = 1
+        for rest in args[i + 1 :]:
+            if depth <= 0:
+                break
+            depth += sum(rest.count(o) - rest.count(c) for o, c in _CLOSING.items())
+            pieces += 1
+        if pieces > 1:
+            return (
+                f"{key}={value}... was split by the shell at its spaces into {pieces} arguments; put the whole "
+                f"override in single quotes, with double quotes around an item that is or holds a space, e.g. "
+                f'\'{key}=["a", " ", "b"]\''
+            )
+    return None
+
+
 def _task(task: str) -> Any:
     module_name, _, function = task.partition(":")
     return getattr(importlib.import_module(module_name), function or "run")
@@ -327,6 +354,10 @@ def hydra_entry(config_dir: Path, config_name: str, task: str, plain: bool = Fal
         cfg = plain_config(config_dir, config_name, sys.argv[1:])
         if cfg is not None:
             return _task(task)(cfg)
+    split = split_by_shell(sys.argv[1:])
+    if split:
+        print(f"error: {split}", file=sys.stderr, flush=True)
+        sys.exit(1)
     import hydra
 
     from charlstm.cluster import quiet_schema_note

@@ -5,6 +5,7 @@ moved."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytorch_lightning as pl
 import torch
@@ -78,8 +79,18 @@ def extra_play_names(extra_plays: str | list[str] | None, source: str, play: str
     return [n for n in names if n not in main]
 
 
+# a character as the command line can give it: \n, \t, \r, \\, \0, \xhh, \uhhhh or \Uhhhhhhhh (as in Python)
+_ESCAPE = re.compile(r"\\(?:[ntr0\\'\"]|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8})")
+
+
+def unescape_char(text: str) -> str:
+    """The character an escape such as ``\\n`` names; any other text unchanged."""
+    return text.encode("ascii").decode("unicode_escape") if _ESCAPE.fullmatch(text) else text
+
+
 def fixed_vocab(chars: list[str] | None) -> CharVocab | None:
-    """The vocabulary ``data.vocab`` fixes (fine-tuning), each element checked and named when wrong."""
+    """The vocabulary ``data.vocab`` fixes (fine-tuning), each element checked and named when wrong. An element may
+    be an escape (``\\n`` for a newline, ``\\t``, ``\\u00e9`` ...): a shell cannot pass a newline in an argument."""
     if chars is None:
         return None
     if isinstance(chars, str):
@@ -90,10 +101,12 @@ def fixed_vocab(chars: list[str] | None) -> CharVocab | None:
     for c in chars:
         if isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 9:
             c = str(c)  # Hydra reads [a,b,1] as a list holding the int 1
+        if isinstance(c, str):
+            c = unescape_char(c)
         if not isinstance(c, str) or len(c) != 1:
             raise ConfigError(
                 f"data.vocab element {c!r} is not a single character; data.vocab must be a list of single "
-                "characters, e.g. data.vocab=[a,b,c]"
+                "characters, e.g. data.vocab=[a,b,c] (escapes name one: \\n, \\t, \\\\, \\u00e9)"
             )
         if c in out:
             raise ConfigError(f"data.vocab lists {c!r} twice; list each character once")

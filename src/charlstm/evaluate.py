@@ -21,7 +21,8 @@ from charlstm import checkpoint
 from charlstm.config import TRAIN_RULES, Rule, check, check_missing
 from charlstm.errors import CharLSTMError, ConfigError, CorpusError, exit_on_error
 from charlstm.generate import pick_device, write_output
-from charlstm.net import encode_inputs
+from charlstm.hardware import check_fits
+from charlstm.net import encode_inputs, sequence_bytes
 from charlstm.vocab import CharVocab
 from charlstm.windows import WindowDataset
 
@@ -163,7 +164,11 @@ def evaluate(cfg: DictConfig) -> Score:
                 f"{where} has {len(ids)} usable chars, too few to predict one from data.val_context={context} "
                 "chars before it; pass a longer text or a smaller data.val_context"
             )
-        batches = dataset_batches(WindowDataset(ids, context), cfg.batch_size)  # every char after the first context
+        dataset = WindowDataset(ids, context)
+        batches = dataset_batches(dataset, cfg.batch_size)  # every char after the first context
+    batch = min(int(cfg.batch_size), len(dataset))  # a batch never holds more windows than the text has
+    per_window = sequence_bytes(net, context, 1, training=False) + context * 8  # and its int64 ids
+    check_fits("batch_size", cfg.batch_size, per_window, device, "window", count=batch)
     total, count = score_batches(net, batches, hp["encoding"], len(hp["vocab"]), device)
     if count == 0:
         raise CorpusError(f"{where} has no char to score after its first {context}; pass a longer text")

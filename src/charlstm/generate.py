@@ -15,6 +15,7 @@ from charlstm import checkpoint
 from charlstm.config import Rule, check
 from charlstm.errors import CharLSTMError, ConfigError, exit_on_error
 from charlstm.fileio import atomic_write_text
+from charlstm.hardware import usable_cores
 from charlstm.sampling import MODES, UNKNOWN, Generator
 
 GENERATE_RULES: dict[str, Rule] = {
@@ -27,7 +28,13 @@ GENERATE_RULES: dict[str, Rule] = {
     "mode": ("choice", MODES, "stateful or window"),
     "device": ("choice", ("cpu", "gpu", "auto"), "cpu, gpu or auto"),
     "unknown": ("choice", UNKNOWN, "error or skip"),
-    "threads": ("int?", lambda v: v >= 1, "null (all cores for a stateful batch, else 1) or an integer >= 1"),
+    # more threads than cores only slow generation down, and tens of thousands crash OpenMP
+    "threads": (
+        "int?",
+        lambda v: 1 <= v <= usable_cores(),
+        f"null (all cores for a stateful batch, else 1) or an integer from 1 to {usable_cores()}, the CPU cores "
+        "this process may use",
+    ),
 }
 
 

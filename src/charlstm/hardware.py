@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from charlstm.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
@@ -103,3 +105,82 @@ def resolve_precision(value: object, accelerator: str = "cpu") -> object:
     why = "the CPU computes bf16 natively" if chosen == "bf16-mixed" else "the CPU has no native bf16"
     log.info("trainer.precision=auto -> %s: %s (%s)", chosen, why, cap.line())
     return chosen
+
+
+# -- memory -------------------------------------------------------------------------------------------------------
+def _cpu_memory_limits() -> list[int]:
+    """The bytes this process can still allocate in main memory, by each limit that can be read here."""
+    limits = []
+    try:  # what the kernel could give without swapping
+        meminfo = Path("/proc/meminfo").read_text()
+        limits += [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # a container's or a scheduler's cgroup (v2) limit
+        cgroup = Path("/sys/fs/cgroup")
+        high = (cgroup / "memory.max").read_text().strip()
+        if high != "max":
+            limits.append(int(high) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    try:  # the address-space limit (ulimit -v), less what the process has mapped already
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            mapped = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            limits.append(soft - mapped)
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return limits
+
+
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes this process can still allocate on ``device``: on a CUDA device what the driver reports free; on the
+    CPU the least of what the kernel reports available, the room under the process's cgroup limit and the room under
+    its address-space limit (ulimit -v). None where nothing can be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0]) if torch.cuda.is_available() else None
+    limits = _cpu_memory_limits()
+    return max(0, min(limits)) if limits else None
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity: what a scheduler allotted), else all the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this system (macOS)
+        return os.cpu_count() or 1
+
+
+def check_fits(
+    key: str,
+    value: int,
+    per_item: int,
+    device: torch.device | str = "cpu",
+    what: str = "item",
+    count: int | None = None,
+) -> None:
+    """A ConfigError naming ``key`` when ``count`` (default: ``value``) items of ``per_item`` bytes each (a lower
+    bound of what one item needs at once, from the tensor sizes) cannot fit in the memory ``device`` has available
+    now, checked before any is allocated; the message gives the largest value that fits."""
+    count = value if count is None else count
+    free = available_memory(device)
+    need = count * per_item
+    if free is None or need <= free:
+        return
+    where = "the GPU" if torch.device(device).type == "cuda" else "this machine"
+    fit = free // max(1, per_item)
+    fix = f"lower {key} (at most {fit} could fit)" if fit >= 1 else "use a smaller model or a machine with more memory"
+    raise ConfigError(
+        f"{key}={value} needs at least {_size(need)} of memory at once ({count} {what}s of {_size(per_item)}), "
+        f"more than the {_size(free)} available on {where}; {fix}"
+    )

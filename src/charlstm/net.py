@@ -115,3 +115,12 @@ class CharLSTM(nn.Module):
             hs.append(h)
             cs.append(c)
         return x, (torch.cat(hs), torch.cat(cs))
+
+
+def sequence_bytes(net: CharLSTM, steps: int, logit_steps: int, training: bool, elem: int = 4) -> int:
+    """A lower bound of the bytes one sequence of ``steps`` chars needs at once in ``net``: its encoded input and
+    every layer's output, in training also each layer's four gates and cell state kept for the backward pass, and
+    ``logit_steps`` rows of logits (in training with their gradient); ``elem`` bytes per value."""
+    lstm = net.lstm
+    per_step = lstm.input_size + net.layers * net.units * (6 if training else 1)
+    return (steps * per_step + logit_steps * net.vocab_size * (2 if training else 1)) * elem

@@ -14,7 +14,8 @@ import torch
 
 from charlstm import checkpoint
 from charlstm.errors import ConfigError
-from charlstm.net import CharLSTM, encode_inputs
+from charlstm.hardware import check_fits
+from charlstm.net import CharLSTM, encode_inputs, sequence_bytes
 from charlstm.vocab import CharVocab, unknown_chars
 
 MODES = ("stateful", "window")
@@ -377,6 +378,16 @@ class Generator:
             _in_threads(list(zip(steppers, picks, rows, strict=True)), barrier)
         return out
 
+    def sample_bytes(self, prompt_chars: int, length: int, mode: str) -> int:
+        """A lower bound of the memory one sample of a batch needs: its ids (int64) and their Python list, its text,
+        its state, gates and logits while stepping (in window mode its window through the LSTM)."""
+        net = self.net
+        ids = (prompt_chars + 2 * length) * 8 + length
+        state = (2 * net.layers * net.units + 5 * net.units + net.vocab_size) * 4
+        if mode == "window":
+            state += sequence_bytes(net, self.seq_len, 1, training=False)
+        return ids + state
+
     def _seeded(self, seed: int | None) -> torch.Generator:
         gen = torch.Generator(device=self.device)
         if seed is None:
@@ -406,6 +417,7 @@ class Generator:
         """
         check_options(length, temperature, top_k, top_p, num_samples, mode, unknown)
         prompt_ids = self._ids(self.clean_prompt(prompt, unknown))
+        check_fits("num_samples", num_samples, self.sample_bytes(len(prompt_ids), length, mode), self.device, "sample")
         gen = self._seeded(seed)
         vocab_size, device = len(self.vocab), self.device
 

@@ -8,9 +8,12 @@ Each job gets ``optuna.storage``, ``optuna.study`` and ``optuna.trial`` and talk
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shlex
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,8 +79,19 @@ def distribution(key: str, text: str, value: Any = None) -> optuna.distributions
         if count > 0:
             high = float(f"{value.start + (count - 1) * value.step:.12g}")
             return FloatDistribution(float(value.start), high, step=float(value.step))
+        raise ConfigError(
+            f"{key}={text} is an empty range: no value from {value.start} up to (not including) {value.stop} in "
+            f"steps of {value.step}; give a stop beyond the start"
+        )
     elif isinstance(value, IntervalSweep) and value.start is not None and value.end is not None:
         log_scale = "log" in value.tags
+        if value.start > value.end:
+            raise ConfigError(
+                f"{key}={text} is an empty range: its low {value.start:g} is above its high {value.end:g}; write "
+                f"interval({value.end:g},{value.start:g})"
+            )
+        if log_scale and value.start <= 0:
+            raise ConfigError(f"{key}={text} is on a log scale, which needs a low above 0 (it is {value.start:g})")
         if isinstance(value.start, int) and isinstance(value.end, int):
             return IntDistribution(value.start, value.end, log=log_scale)
         return FloatDistribution(float(value.start), float(value.end), log=log_scale)
@@ -133,6 +147,105 @@ def storage_url(storage: str | None, sweep_dir: Path) -> str:
     return f"sqlite:///{(sweep_dir / STUDY_FILE).resolve()}"
 
 
+# Every running trial records a heartbeat in the study's storage (Optuna's own, for RDB storages) this often; one
+# silent for GRACE_FACTOR heartbeats belongs to a process that is gone: it is failed, marked interrupted and queued
+# again by whichever search process sees it first. So several search processes can share one study (Optuna's way
+# of running parallel workers) and none takes away another's running trial.
+HEARTBEAT_SECONDS = 60
+# Python packages of the database drivers SQLAlchemy imports, where the package's name differs from the module's
+DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}
+
+
+def open_storage(url: str, heartbeat_interval: int | None = HEARTBEAT_SECONDS) -> optuna.storages.RDBStorage:
+    """The study's storage with Optuna's heartbeat; a URL that does not open is one line saying why."""
+    import optuna
+
+    quiet_optuna()  # the heartbeat is an experimental argument
+    # ask-and-tell with a heartbeat: the search starts Optuna's heartbeat thread itself (heartbeats below)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(
+            f"hydra.sweeper.storage={url!r} is not a database URL; write e.g. sqlite:///PATH/study.db or "
+            "postgresql://USER@HOST/DB (null: SQLite in the sweep folder)"
+        ) from None
+    shown = parsed.render_as_string(hide_password=True)
+    sqlite = parsed.get_backend_name() == "sqlite"
+    # several search processes on one SQLite file wait for each other's writes (5 s by default)
+    settings = {"heartbeat_interval": heartbeat_interval,
+                "engine_kwargs": {"connect_args": {"timeout": 60}} if sqlite else None}  # fmt: skip
+    try:
+        try:
+            return optuna.storages.RDBStorage(url, **settings)
+        except SQLAlchemyError as err:  # another process made the tables of the new storage at the same moment
+            if "already exists" not in str(err):
+                raise
+            return optuna.storages.RDBStorage(url, **settings)
+    except ImportError as err:
+        module = getattr(err.__cause__, "name", None) or parsed.drivername
+        package = DRIVER_PACKAGES.get(str(module).split(".")[0], str(module).split(".")[0])
+        raise ConfigError(
+            f"the study's storage {shown} needs the database driver {module}, which is not installed: "
+            f"pip install '{package}' (or use SQLite: hydra.sweeper.storage=sqlite:///PATH/study.db)"
+        ) from None
+    except NoSuchModuleError:
+        raise ConfigError(
+            f"the study's storage {shown}: {parsed.drivername} is not a database SQLAlchemy knows; write e.g. "
+            "sqlite:///PATH/study.db or postgresql://USER@HOST/DB"
+        ) from None
+    except SQLAlchemyError as err:
+        why = " ".join(str(getattr(err, "orig", None) or err).split("\n")[0].split())
+        fix = "give hydra.sweeper.storage another file or move that one away" if sqlite else "check the URL"
+        raise ConfigError(f"the study's storage {shown} cannot be opened ({why}); {fix}") from None
+
+
+def requeue_stale(study: optuna.Study) -> None:
+    """Trials whose process is gone (no heartbeat for two heartbeat intervals) are marked ``interrupted`` (not
+    counted) and failed, and their settings queued to run again as a new trial; of several search processes that
+    see one at once, one does it."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    if storage.get_heartbeat_interval() is None:
+        return
+    # Optuna's optuna.storages.fail_stale_trials fails a trial before its callback runs, and a finished trial takes
+    # no more attributes: its steps (the storage's private list of stale trials, then a change of state that one
+    # process wins) in the order that keeps `interrupted` on the trial (tests/test_faults_search.py fails if the
+    # private call changes)
+    for stale_id in storage._get_stale_trial_ids(study._study_id):
+        try:
+            storage.set_trial_user_attr(stale_id, INTERRUPTED, True)
+            if not storage.set_trial_state_values(stale_id, state=TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:  # another process failed it first (or its own ended it)
+            continue
+        trial = storage.get_trial(stale_id)
+        study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
+        log.info("trial %d was running in a search process that is gone: it runs again as a new trial", trial.number)
+
+
+@contextlib.contextmanager
+def heartbeats(study: optuna.Study, trials: list[optuna.Trial]) -> Iterator[None]:
+    """Record the heartbeats of ``trials`` while they run (Optuna's heartbeat thread, one per trial)."""
+    # optuna.storages._heartbeat is private: it is the thread Study.optimize runs for each trial, which an
+    # ask-and-tell loop must start itself (tests/test_faults_search.py fails if it changes)
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    threads = [get_heartbeat_thread(trial_id(study, t.number), study._storage) for t in trials]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        for thread in threads:
+            thread.join()
+
+
 def stored(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
     """A trial as the storage has it now (a ``Trial`` object from ``ask`` keeps what it saw then: it misses what
     the job wrote since, e.g. that the pruner stopped it)."""
@@ -145,17 +258,18 @@ def set_attr(study: optuna.Study, number: int, key: str, value: Any) -> None:
 
 def open_study(
     url: str, name: str, direction: str, fixed: list[str], seed: int | None, startup_trials: int,
-    pruner: dict[str, Any],
+    pruner: dict[str, Any], heartbeat_interval: int | None = HEARTBEAT_SECONDS,
 ) -> optuna.Study:  # fmt: skip
     """Create the study or continue it. A continued study must keep its direction and the command line's settings
-    (else its trials would not compare); trials left running by a search that died are failed and queued again."""
+    (else its trials would not compare); trials left running by a search process that is gone (no heartbeat) are
+    failed and queued again."""
     import optuna
 
     quiet_optuna()
     if direction not in ("minimize", "maximize"):
         raise ConfigError(f"hydra.sweeper.direction={direction} is not known; use minimize or maximize")
     the_pruner = make_pruner(pruner)
-    storage = optuna.storages.RDBStorage(url)
+    storage = open_storage(url, heartbeat_interval)
     try:
         done = storage.get_n_trials(storage.get_study_id_from_name(name))
     except KeyError:
@@ -180,18 +294,8 @@ def open_study(
             "with hydra.sweeper.study_name=NEW"
         )
     study.set_user_attr("pruner", dict(pruner))  # read by the jobs
-    requeue_interrupted(study)
+    requeue_stale(study)
     return study
-
-
-def requeue_interrupted(study: optuna.Study) -> None:
-    """A trial still RUNNING in the storage belongs to a search that stopped (Ctrl-C, a killed process): it is
-    marked failed and ``interrupted`` (not counted) and its settings are queued to run again as a new trial."""
-    from optuna.trial import TrialState
-
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        mark_interrupted(study, trial.number, trial.params)
-        log.info("trial %d was running when an earlier search stopped: it runs again as a new trial", trial.number)
 
 
 def mark_interrupted(study: optuna.Study, number: int, params: dict[str, Any]) -> None:

@@ -35,9 +35,10 @@ from charlstm.errors import (
     exit_on_error,
     process_rank,
 )
-from charlstm.hardware import resolve_precision
+from charlstm.hardware import check_fits, default_precision, resolve_precision
 from charlstm.jobranks import sweep_job_ranks
 from charlstm.logs import quiet_known_warnings, route_library_logs
+from charlstm.net import sequence_bytes
 from charlstm.progress import FinalValidation, ModelLine, ValidationLog
 from charlstm.reliability import AtomicCheckpointIO, LastCheckpoint, ensure_last_checkpoint
 from charlstm.rundir import override_key
@@ -361,6 +362,22 @@ def progress_bar_shown(cfg: DictConfig) -> bool:
     return bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stdout.isatty()
 
 
+def check_batch_fits(cfg: DictConfig, net: Any) -> None:
+    """data.batch_size against the memory of the device that trains, from the tensor sizes of one training step,
+    before any folder holds more than its config (a batch too large fails at once, in one line naming the key)."""
+    accelerator = str(cfg.trainer.accelerator)
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    precision = str(cfg.trainer.precision)
+    if precision == "auto":  # as resolve_precision will choose (16-bit on a GPU)
+        precision = "16-mixed" if gpu else default_precision()
+    elem = 2 if "16" in precision else 8 if "64" in precision else 4
+    seq_len = int(cfg.data.seq_len)
+    every_char = cfg.data.layout == "streams" or cfg.data.get("targets") == "all"
+    per_item = sequence_bytes(net, seq_len, seq_len if every_char else 1, training=True, elem=elem)
+    what = "stream chunk" if cfg.data.layout == "streams" else "window"
+    check_fits("data.batch_size", int(cfg.data.batch_size), per_item, "cuda" if gpu else "cpu", what)
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any], **overrides: Any) -> pl.Trainer:
     plugins = [AtomicCheckpointIO(), *cluster.lightning_plugins(cfg.trainer)]
     # The DataModule gives every DDP rank its own share itself (training shuffles without a list of every window;
@@ -412,6 +429,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         check_prompt(Generator.from_module(model), cfg.sample.prompt, "sample.prompt")
     fit_val_interval(cfg, datamodule)
     fit_log_interval(cfg, datamodule)
+    check_batch_fits(cfg, model.net)
     out = Path(cfg.paths.output_dir)
     callbacks = instantiate_named(cfg.get("callbacks"))
     show_bar = progress_bar_shown(cfg)

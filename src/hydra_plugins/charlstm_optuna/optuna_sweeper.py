@@ -39,6 +39,9 @@ class CharLSTMOptunaConf:
     n_jobs: int = 1  # trials launched together (for parallel launchers)
     seed: int | None = None
     startup_trials: int = 5  # random trials before TPE models the results
+    # seconds between the heartbeats of a running trial; a trial silent for two of them belongs to a search process
+    # that is gone and runs again (so several processes can run one study, each a worker)
+    heartbeat_interval: int = 60
     pruner: PrunerConf = field(default_factory=PrunerConf)
     # key -> Hydra sweep expression: choice(...), range(...), interval(...), tag(log, interval(...))
     params: dict[str, str] = field(default_factory=dict)
@@ -80,7 +83,7 @@ class CharLSTMOptunaSweeper(Sweeper):
         self.validate_batch_is_legal([probe])  # a mistyped key fails here, before any trial exists
         url = search.storage_url(s["storage"], sweep_dir)
         study = search.open_study(url, s["study_name"], s["direction"], fixed, s["seed"], s["startup_trials"],
-                                  s["pruner"])  # fmt: skip
+                                  s["pruner"], s["heartbeat_interval"])  # fmt: skip
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         name_jobs_by_params()
         metric = str(self.config.get("optimized_metric") or "value")
@@ -89,8 +92,10 @@ class CharLSTMOptunaSweeper(Sweeper):
         returns: list[JobReturn] = []
         try:
             while (done := search.counted(study)) < n_trials:
+                search.requeue_stale(study)  # another worker's trials whose process is gone run again
                 trials = [study.ask(space) for _ in range(max(1, min(int(s["n_jobs"]), n_trials - done)))]
-                returns += self._run(study, trials, fixed, url, metric)
+                with search.heartbeats(study, trials):
+                    returns += self._run(study, trials, fixed, url, metric)
         except BaseException as err:
             self._report(study, fixed, sweep_dir, metric, final=False)  # the trials so far
             if isinstance(err, KeyboardInterrupt):  # between two trials
@@ -157,6 +162,10 @@ class CharLSTMOptunaSweeper(Sweeper):
         from charlstm import search
         from charlstm.pruning import PRUNED_AT
 
+        if not is_running(study, trial.number):  # failed as stale by another worker: this process sent no heartbeat
+            log.warning("trial %d: another search process found no heartbeat of it and ran it again; this result "
+                        "is not counted", trial.number)  # fmt: skip
+            return
         pruned_at = search.stored(study, trial.number).user_attrs.get(PRUNED_AT)  # written by the job
         if error is None and pruned_at is not None:
             study.tell(trial, state=TrialState.PRUNED)
