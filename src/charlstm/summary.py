@@ -284,7 +284,10 @@ class SweepSummary(Callback):
     @exit_on_error  # Hydra turns an exception raised by a callback into a warning and goes on
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
-        hold(self.sweep_dir)
+        if OmegaConf.select(config, "hydra.sweeper.study_name") is None:
+            # A search's folder is shared by its study's workers (Optuna gives each trial its own number, and the
+            # search summary is the study's); any other sweep holds its folder alone.
+            hold(self.sweep_dir)
         _written.pop(self.sweep_dir.resolve(), None)  # a summary this process wrote there before is another sweep's
         _failures.pop(self.sweep_dir.resolve(), None)
 
