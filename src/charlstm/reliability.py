@@ -21,6 +21,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
+from charlstm.checkpoint import nonfinite_tensor
 from charlstm.cluster import hand_over, requeue_signal
 from charlstm.errors import CharLSTMError, DivergenceError, TrainingInterrupted
 from charlstm.fileio import TMP_SUFFIX, atomic_write
@@ -37,19 +38,6 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
-
-
-def nonfinite_tensor(state_dict: Mapping[str, Any]) -> str | None:
-    """The name of the first tensor holding NaN, or +-inf in a tensor of one or more dimensions.
-
-    Weights are never 0-dim, so a 0-dim buffer may hold inf on purpose (a "best so far" that starts at inf).
-    """
-    for name, value in state_dict.items():
-        if not torch.is_tensor(value) or not value.is_floating_point() or value.numel() == 0:
-            continue
-        if torch.isnan(value).any() or (value.dim() > 0 and torch.isinf(value).any()):
-            return name
-    return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
