@@ -29,6 +29,7 @@ from charlstm.errors import (
     CharLSTMError,
     CheckpointError,
     ConfigError,
+    DivergenceError,
     TrainingFailed,
     TrainingInterrupted,
     exit_on_error,
@@ -320,6 +321,24 @@ def failed_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpoint, 
     return TrainingFailed(f"training stopped at step {trainer.global_step} by {what}; {saved}{where}")
 
 
+def diverged_error(exc: DivergenceError, last: LastCheckpoint, lr: float) -> DivergenceError:
+    """The line for a diverged run: what went non-finite, the good checkpoint there is (weights that gave a finite
+    loss) or that there is none, and how to go on with a smaller learning rate."""
+    what = str(exc).split("; ")[0]  # the model's or the checkpoint writer's first clause: what became non-finite
+    kept = last.kept()
+    if kept is None:
+        return DivergenceError(
+            f"{what}; this run has no checkpoint whose weights gave a sane loss, so none is kept; start again with a "
+            f"smaller learning rate (e.g. model.lr={lr / 10:g}) or set trainer.gradient_clip_val"
+        )
+    path, step = kept
+    at = f" (step {step})" if step is not None else ""
+    return DivergenceError(
+        f"{what}; the last good checkpoint is {path}{at}; resume it with a smaller learning rate: "
+        f"python train.py ckpt_path={path} model.lr={lr / 10:g} (or set trainer.gradient_clip_val)"
+    )
+
+
 def describe(cfg: DictConfig, out: Path) -> str:
     """One line saying what this run trains, on what, for how long, and where its files go."""
     from hydra.core.hydra_config import HydraConfig
@@ -429,6 +448,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 )
         except (KeyboardInterrupt, SystemExit) as exc:
             raise interrupted_error(exc, trainer, last) from None
+        except DivergenceError as exc:
+            raise diverged_error(exc, last, float(cfg.model.lr)) from None
         except CharLSTMError:
             raise
         except Exception as exc:  # a bug or a library failure: say where the last good state is
