@@ -149,7 +149,7 @@ def cache_names(path: Path, data_dir: str | os.PathLike[str], lowercase: bool, e
     return Path(data_dir) / "prepared", group
 
 
-def open_prepared(folder: Path, fingerprint: str) -> PreparedCorpus | None:
+def open_prepared(folder: Path, fingerprint: str, say_damage: bool = True) -> PreparedCorpus | None:
     """The cache in ``folder`` if it is complete, made from this very source and undamaged; None otherwise.
 
     Its vocabulary and ids must hash as they did when written (a full read of the ids, about a tenth of the time
@@ -169,8 +169,9 @@ def open_prepared(folder: Path, fingerprint: str) -> PreparedCorpus | None:
         elif ids_path.stat().st_size != n * np.dtype(np_dtype).itemsize or file_hash(ids_path) != meta["ids_hash"]:
             damaged = ids_path.name
         if damaged is not None:
-            log.warning("the prepared corpus in %s is damaged (%s does not match its checksum): preparing it again",
-                        folder, damaged)  # fmt: skip
+            if say_damage:
+                log.warning("the prepared corpus in %s is damaged (%s does not match its checksum): preparing it again",
+                            folder, damaged)  # fmt: skip
             return None
         vocab = CharVocab(json.loads(vocab_bytes.decode("utf-8")))
         if len(vocab) != meta["vocab_size"] or n < 1:
@@ -478,7 +479,7 @@ def _prepare_locked(
     """Build the cache into ``folder`` under the group's lock; its meta, or None if another process built it."""
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / f".{group}.lock", where):
-        if open_prepared(folder, fingerprint) is not None:  # another process may have built it while we waited
+        if open_prepared(folder, fingerprint, say_damage=False) is not None:  # another process may have built it
             return None
         _remove_stale(root, group)
         started = time.monotonic()
