@@ -225,3 +225,16 @@ def test_generate_refuses_nan_weights_in_one_line(poisoned, tmp_path):
 def test_a_resume_refuses_nan_weights_in_one_line(poisoned, tmp_path):
     done = run_cli("train.py", f"ckpt_path={poisoned['nan']}", "trainer.max_steps=6", cwd=tmp_path)
     assert one_line_error(done) == nan_line(poisoned["nan"])
+
+
+def test_eval_of_blown_up_but_finite_weights_is_a_score_not_a_traceback(poisoned, tmp_path):
+    ckpt = torch.load(poisoned["good"], weights_only=True)
+    for name, value in ckpt["state_dict"].items():
+        if name.startswith("net.") and value.is_floating_point():
+            value.mul_(1e30)
+    huge = poisoned["good"].with_name("huge.ckpt")
+    torch.save(ckpt, huge)
+    done = run_cli("eval.py", f"ckpt={huge}", "output=score.json", cwd=tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    score = json.loads((tmp_path / "score.json").read_text())
+    assert score["bits_per_char"] > 100 and score["perplexity"] == float("inf")

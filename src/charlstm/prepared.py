@@ -462,8 +462,7 @@ def prepare(
         failed = write_failure(err)
         if failed is None:
             raise
-        raise storage_error(failed, failed.filename or root,
-                            f"{where} was not prepared (nothing partial is kept)") from err  # fmt: skip
+        raise storage_error(failed, root, f"{where} was not prepared (nothing partial is kept)") from err
     if meta is not None:
         log.info("prepared %s once: %d chars, %d-char vocabulary, %.1f s; later runs map %s", where, meta["chars"],
                  meta["vocab_size"], meta["seconds"], folder)  # fmt: skip
