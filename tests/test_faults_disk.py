@@ -85,6 +85,13 @@ def test_resuming_a_run_on_a_read_only_disk_is_one_line(tmp_path, data_dir):
     assert checkpoint.load(run / "checkpoints" / "last.ckpt")["global_step"] == 3
 
 
+def test_a_log_file_that_cannot_be_made_is_one_line(tmp_path, data_dir):
+    run = tmp_path / "run"
+    done = faulty("train.py", *RUN, f"hydra.run.dir={run}", f"paths.data_dir={data_dir}", cwd=tmp_path,
+                  readonly=[run / "train.log"])  # fmt: skip
+    assert one_line_error(done) == readonly_line(run / "train.log", run)
+
+
 # -- a full disk --------------------------------------------------------------------------------------------------
 
 
@@ -95,6 +102,12 @@ def test_a_full_disk_at_start_up_is_one_line(tmp_path, data_dir):
         f"error: cannot write {tmp_path / 'run' / '.hydra' / 'config.yaml'}: no space left on the device; free some "
         "space there and run again"
     )
+
+
+def test_a_log_file_on_a_full_disk_drops_its_lines_without_a_traceback(tmp_path, data_dir):
+    done = ok(faulty("train.py", *RUN, f"hydra.run.dir={tmp_path / 'run'}", f"paths.data_dir={data_dir}",
+                     cwd=tmp_path, full=["*/train.log"]))  # fmt: skip
+    assert "Logging error" not in done.stderr and "val/bpc:" in done.stdout
 
 
 def test_a_full_disk_while_preparing_a_corpus_is_one_line_and_leaves_nothing_partial(tmp_path):

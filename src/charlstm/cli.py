@@ -323,17 +323,19 @@ def hydra_entry(config_dir: Path, config_name: str, task: str, plain: bool = Fal
         discard_unused()
         print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
-    except OSError as err:  # Hydra's own writes (the run folder, .hydra/, the log): a read-only or full disk
+    except (OSError, ValueError) as err:
         from charlstm.errors import storage_error, write_failure
 
+        # Hydra's own writes (the run folder, .hydra/, the log file, which logging reports as a ValueError raised
+        # from the OSError): a read-only or full disk
         failed = write_failure(err)
-        if failed is None or user_full_error:
+        if failed is not None and not user_full_error:
+            discard_unused()
+            print(f"error: {storage_error(failed)}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        discard_unused()
+        if isinstance(err, OSError):
             raise
-        discard_unused()
-        print(f"error: {storage_error(failed)}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except ValueError as err:
-        discard_unused()
         line = mode_error_line(err, args)
         if line is None or user_full_error:
             raise
