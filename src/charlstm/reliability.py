@@ -27,7 +27,7 @@ from charlstm.errors import CharLSTMError, DivergenceError, TrainingInterrupted
 from charlstm.fileio import TMP_SUFFIX, atomic_write
 
 LAST = "last.ckpt"
-# The previous last.ckpt, held (as a hard link: no copy) until the weights of the newer one give a finite loss.
+# The previous last.ckpt, held (as a hard link: no copy) until the weights of the newer one give a sane loss.
 HELD = f".{LAST}.held{TMP_SUFFIX}"
 
 
@@ -106,9 +106,10 @@ class LastCheckpoint(Checkpoint):
     The checkpoint also carries the random generators' states, so a run resumed from an epoch boundary
     draws the same shuffles and dropout masks as one that never stopped.
 
-    A checkpoint is good once its weights have given a finite training loss (the next step's): until then the
-    previous ``last.ckpt`` is held beside it, and if that next loss is NaN or inf (a diverging run) the previous
-    one is put back, so ``last.ckpt`` is never weights that cannot be trained on. :meth:`kept` says what is there.
+    A checkpoint is good once its weights have given a sane training loss (the next step's): until then the
+    previous ``last.ckpt`` is held beside it (a hard link), and if that next loss is NaN, inf or blown up (a
+    diverging run, see ``model.BLOWUP``) the previous one is put back, so ``last.ckpt`` is never weights that
+    cannot be trained on. :meth:`kept` says what is there.
     """
 
     def __init__(
