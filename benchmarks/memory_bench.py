@@ -115,6 +115,23 @@ def measure(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict[s
             "peak_anon_mb": round(peak_anon / 1024)}  # fmt: skip
 
 
+CHECK = """
+import sys, time
+from charlstm.prepared import prepare
+started = time.perf_counter()
+prepare(sys.argv[1], sys.argv[2])
+print(time.perf_counter() - started)
+"""
+
+
+def check_seconds(text: Path, data_dir: Path, env: dict[str, str]) -> float:
+    """What a later run pays to trust the prepared cache: prepare() on it, which hashes the text and checks the ids
+    against their checksum (both full reads), in a process of its own."""
+    done = subprocess.run([sys.executable, "-c", CHECK, str(text), str(data_dir)], env=env, capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    return round(float(done.stdout.split()[-1]), 2)
+
+
 def summarize(results: list[dict]) -> list[dict]:
     """One row per (corpus, recipe, first/later): the best start-up and wall time (the least disturbed by other
     work on the machine) and the worst peak memory of its runs."""
@@ -123,8 +140,8 @@ def summarize(results: list[dict]) -> list[dict]:
         key = (r["size"], r["recipe"], r["run"])
         row = rows.setdefault(key, {**r, "runs": 0})
         row["runs"] += 1
-        for k, pick in (("startup_s", min), ("wall_s", min), ("prepare_s", min), ("peak_rss_mb", max),
-                        ("peak_anon_mb", max)):  # fmt: skip
+        for k, pick in (("startup_s", min), ("wall_s", min), ("prepare_s", min), ("check_s", min),
+                        ("peak_rss_mb", max), ("peak_anon_mb", max)):  # fmt: skip
             values = [v for v in (row.get(k), r.get(k)) if v is not None]
             row[k] = pick(values) if values else None
     return list(rows.values())
@@ -183,13 +200,16 @@ def main() -> None:
             metas = list(data_dir.glob("prepared/*/meta.json"))
             if when == "first" and metas:
                 row["prepare_s"] = json.loads(metas[0].read_text())["seconds"]
+                row["check_s"] = check_seconds(text, data_dir, env)
             results.append(row)
             print(json.dumps(row), flush=True)
     lines = [*[f"    {h}" for h in header], "",
              "| corpus | recipe | run | runs | start-up (s) | wall (s) | peak RSS (MB) | anonymous, all ranks (MB) |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in summarize(results):
-        prep = f" (prepare {r['prepare_s']:.1f} s)" if r.get("prepare_s") is not None else ""
+        prep = (
+            f" (prepare {r['prepare_s']:.1f} s, check {r['check_s']:.1f} s)" if r.get("prepare_s") is not None else ""
+        )
         lines.append(f"| {r['size']} | {r['recipe']} | {r['run']}{prep} | {r['runs']} | {r['startup_s']} | "
                      f"{r['wall_s']:.1f} | {r['peak_rss_mb']:,} | {r['peak_anon_mb']:,} |")  # fmt: skip
     table = "\n".join(lines) + "\n"

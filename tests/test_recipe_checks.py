@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -62,9 +63,12 @@ def test_a_typo_in_a_recipes_defaults_list_names_the_recipe_and_the_closest_choi
 @pytest.mark.slow
 def test_a_search_without_multirun_says_it_needs_m(refused):
     line = one_line_error(refused["search"])
-    assert line == ("error: hparams_search=lstm is a search, which runs with -m (without it this would train one "
-                    "plain run): python train.py -m hparams_search=lstm trainer.max_steps=5 "
-                    f"paths.outputs_root={refused['tmp'] / 'out'}")  # fmt: skip
+    head, again = line.split(": ", 2)[1:]
+    assert head == "hparams_search=lstm is a search, which runs with -m (without it this would train one plain run)"
+    # the line works as printed: this interpreter, the script, -m and the command's own overrides
+    assert again.split()[1:] == ["train.py", "-m", "hparams_search=lstm", "trainer.max_steps=5",
+                                 f"paths.outputs_root={refused['tmp'] / 'out'}"]  # fmt: skip
+    assert Path(again.split()[0]).resolve() == Path(sys.executable).resolve()
     assert not list((refused["tmp"] / "out").rglob("config.yaml"))
 
 

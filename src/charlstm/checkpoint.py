@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +83,22 @@ def _unreadable(path: Path, err: BaseException) -> CheckpointError:
     )
 
 
+def nonfinite_tensor(state_dict: Mapping[str, Any]) -> str | None:
+    """The name of the first tensor holding NaN, or +-inf in a tensor of one or more dimensions.
+
+    Weights are never 0-dim, so a 0-dim buffer may hold inf on purpose (a "best so far" that starts at inf).
+    """
+    for name, value in state_dict.items():
+        if not torch.is_tensor(value) or not value.is_floating_point() or value.numel() == 0:
+            continue
+        if torch.isnan(value).any() or (value.dim() > 0 and torch.isinf(value).any()):
+            return name
+    return None
+
+
 def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a charlstm checkpoint without unpickling arbitrary objects; refuse anything else in one line."""
+    """Load a charlstm checkpoint without unpickling arbitrary objects; refuse anything else in one line, and
+    weights that are NaN or inf (nothing can be scored, sampled or trained from them)."""
     path = Path(path)
     try:
         with warnings.catch_warnings():
@@ -101,6 +116,12 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu")
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hp, dict) or "state_dict" not in ckpt or any(k not in hp for k in REQUIRED_HPARAMS):
         raise CheckpointError(f"{path} is not a charlstm checkpoint (no vocabulary or model sizes in it)")
+    bad = nonfinite_tensor(ckpt["state_dict"]) if isinstance(ckpt["state_dict"], Mapping) else None
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {path} has non-finite weights ({bad} holds NaN or inf): the training that wrote it had "
+            "diverged; use an earlier checkpoint, e.g. the best-*.ckpt beside it"
+        )
     return ckpt
 
 

@@ -157,6 +157,11 @@ def hydra_error_line(err: BaseException, config_dir: Path, config_name: str, arg
     """One line for an error Hydra raised while reading the command line or composing the config."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
+    from charlstm.errors import storage_error, write_failure
+
+    failed = write_failure(err)  # a run folder that cannot be made (a read-only or full disk)
+    if failed is not None:
+        return str(storage_error(failed))
     text = " ".join(str(err).split())
     if isinstance(err, MissingConfigException) and err.missing_cfg_file:
         group, _, name = str(err.missing_cfg_file).rpartition("/")
@@ -403,8 +408,19 @@ def hydra_entry(config_dir: Path, config_name: str, task: str, plain: bool = Fal
         discard_unused()
         print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
-    except ValueError as err:
+    except (OSError, ValueError) as err:
+        from charlstm.errors import storage_error, write_failure
+
+        # Hydra's own writes (the run folder, .hydra/, the log file, which logging reports as a ValueError raised
+        # from the OSError): a read-only or full disk
+        failed = write_failure(err)
+        if failed is not None and not user_full_error:
+            discard_unused()
+            print(f"error: {storage_error(failed)}", file=sys.stderr, flush=True)
+            sys.exit(1)
         discard_unused()
+        if isinstance(err, OSError):
+            raise
         line = mode_error_line(err, args)
         if line is None or user_full_error:
             raise

@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import stat
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -69,12 +70,24 @@ def check_errors(errors: str) -> None:
 
 
 def check_file(path: str | os.PathLike[str]) -> Path:
-    """The corpus file ``path``, which must exist, be a readable file and hold something."""
+    """The corpus file ``path``, which must exist, be a readable regular file and hold something.
+
+    A pipe, a device or a socket is refused before it is opened (opening a pipe waits for a writer; /dev/zero
+    never ends): preparing reads the file twice and hashes it, which a stream cannot give.
+    """
     p = Path(path).expanduser()
     if not p.exists():
         raise CorpusError(f"corpus file {p} does not exist; set data.path to an existing UTF-8 text file")
     if p.is_dir():
         raise CorpusError(f"corpus path {p} is a directory; set data.path to a text file inside it")
+    mode = p.stat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")  # fmt: skip
+        raise CorpusError(
+            f"corpus path {p} is {kind}, not a regular file (a corpus is read twice while it is prepared); "
+            "save the text to a file and set data.path to it"
+        )
     try:
         with open(p, "rb") as fh:
             empty = not fh.read(1)

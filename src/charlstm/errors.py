@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -61,6 +62,44 @@ class TrainingInterrupted(CharLSTMError):
         self.exit_code = 128 + self.signum if exit_code is None else exit_code
 
 
+class StorageError(CharLSTMError):
+    """A file or folder cannot be written: the disk is full, the file system read-only, or permission denied."""
+
+
+# why a write failed, as users are told
+WRITE_FAILURES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+def write_failure(err: BaseException | None) -> OSError | None:
+    """The OSError saying a write failed for want of space or permission: ``err`` itself or one it was raised
+    from or while handling (torch.save reports a failed write as a RuntimeError raised while handling it)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in WRITE_FAILURES:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def storage_error(err: OSError, path: str | os.PathLike[str] | None = None, kept: str = "") -> StorageError:
+    """One line for a failed write: which file, why, what was kept, and the fix."""
+    path = path or err.filename or "a file"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space there and run again"
+    else:
+        folder = os.path.dirname(os.path.abspath(path))
+        fix = f"make {folder} writable, or write elsewhere (hydra.run.dir=..., paths.data_dir=...)"
+    kept = f"; {kept}" if kept else ""
+    return StorageError(f"cannot write {path}: {WRITE_FAILURES[err.errno]}{kept}; {fix}")
+
+
 class JobFailed(CharLSTMError):
     """A job a launcher started (on SLURM, or locally through submitit) ended without a result."""
 
@@ -88,7 +127,13 @@ def exit_on_error(fn: F) -> F:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except OSError as err:  # a write no code path expected to fail: still one line
+                failed = write_failure(err)
+                if failed is None:
+                    raise
+                raise storage_error(failed) from err
         except CharLSTMError as err:
             rank = process_rank()
             line = " ".join(str(err).split("\n"))

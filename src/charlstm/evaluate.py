@@ -173,7 +173,8 @@ def evaluate(cfg: DictConfig) -> Score:
     if count == 0:
         raise CorpusError(f"{where} has no char to score after its first {context}; pass a longer text")
     nats = total / count
-    score = Score(nats / LN2, nats, math.exp(nats), count, skipped, context, str(path), where)
+    perplexity = math.exp(nats) if nats < 709 else math.inf  # exp overflows a float past e**709
+    score = Score(nats / LN2, nats, perplexity, count, skipped, context, str(path), where)
     if cfg.get("output"):
         write_output(str(cfg.output), json.dumps(asdict(score), indent=2) + "\n")
     return score

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from charlstm.errors import storage_error, write_failure
+
 TMP_SUFFIX = ".tmp"
 
 
@@ -51,9 +53,21 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
     ``write`` fills a temporary file in the same folder (``.NAME.XXXX.tmp``), which is flushed to disk, given the
     mode the user's umask asks for (``mkstemp`` creates 0600), renamed over ``path`` (atomic on POSIX and
     Windows), and the rename is made durable by syncing the folder. On any failure the temporary is removed
-    and the old file, if any, is untouched.
+    and the old file, if any, is untouched; a full disk or a folder that cannot be written is a
+    :class:`~charlstm.errors.StorageError` saying so.
     """
     path = Path(path)
+    try:
+        _atomic_write(path, write)
+    except Exception as err:
+        failed = write_failure(err)
+        if failed is None:
+            raise
+        kept = f"the previous {path.name} is kept unchanged" if path.is_file() else f"no {path.name} was written"
+        raise storage_error(failed, path, kept) from err
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:

@@ -65,10 +65,15 @@ class ConsoleLines(logging.Filter):
 
 def route_library_logs() -> None:
     """Let Lightning's loggers reach the run's handlers (console + train.log) instead of their own stream
-    handler, which Lightning adds when it is imported before logging is configured."""
+    handler, which Lightning adds when it is imported before logging is configured.
+
+    A log line that cannot be written (train.log on a full disk) is dropped instead of printing a traceback for
+    every line (logging's own switch): the write that matters, a checkpoint's, says so in one line.
+    """
     root = logging.getLogger()
     if not root.handlers:
         return
+    logging.raiseExceptions = False
     for name in ("pytorch_lightning", "lightning_fabric", "lightning"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):

@@ -18,6 +18,9 @@ from charlstm.net import CharLSTM, State
 
 LN2 = math.log(2.0)
 log = logging.getLogger(__name__)
+# A training loss this many times that of guessing uniformly is a blow-up (char-rnn's "loss is exploding"): weights
+# grown to ~1e35 give a finite but huge loss, and a checkpoint of them scores inf.
+BLOWUP = 10.0
 CLOCK_KEY = "charlstm_train_clock"  # where a checkpoint keeps the schedule's elapsed training seconds
 
 
@@ -89,14 +92,16 @@ class CharLSTMModule(pl.LightningModule):
             # Truncated BPTT: carry the values, cut the graph at the batch boundary.
             self._train_state = (state[0].detach(), state[1].detach())
         loss = self.loss_sum(logits, y) / y.numel()
-        diverged = not bool(torch.isfinite(loss))
+        value = float(loss.detach())
+        diverged = not math.isfinite(value) or value > BLOWUP * math.log(max(2, len(self.hparams.vocab)))
         if self._trainer is not None and self._trainer.world_size > 1:
             # every rank must stop together, or the others wait in backward for the one that raised
             diverged = self._trainer.strategy.reduce_boolean_decision(diverged, all=False)
         if diverged:
             raise DivergenceError(
-                f"training loss became {loss.item()} at step {self.global_step}; the last good checkpoint is kept. "
-                "Lower model.lr or set trainer.gradient_clip_val"
+                f"training loss became {value:.4g} at step {self.global_step}"
+                + ("" if not math.isfinite(value) else f" ({BLOWUP:g}x that of guessing uniformly or more: diverged)")
+                + "; lower model.lr or set trainer.gradient_clip_val"
             )
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=y.numel())
         self.log("train/bpc", loss.detach() / LN2, on_step=True, on_epoch=False, batch_size=y.numel())

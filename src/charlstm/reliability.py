@@ -21,12 +21,15 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
+from charlstm.checkpoint import nonfinite_tensor
 from charlstm.cli import command_line
 from charlstm.cluster import hand_over, requeue_signal
 from charlstm.errors import CharLSTMError, DivergenceError, TrainingInterrupted
 from charlstm.fileio import TMP_SUFFIX, atomic_write
 
 LAST = "last.ckpt"
+# The previous last.ckpt, held (as a hard link: no copy) until the weights of the newer one give a sane loss.
+HELD = f".{LAST}.held{TMP_SUFFIX}"
 
 
 def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
@@ -38,19 +41,6 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
-
-
-def nonfinite_tensor(state_dict: Mapping[str, Any]) -> str | None:
-    """The name of the first tensor holding NaN, or +-inf in a tensor of one or more dimensions.
-
-    Weights are never 0-dim, so a 0-dim buffer may hold inf on purpose (a "best so far" that starts at inf).
-    """
-    for name, value in state_dict.items():
-        if not torch.is_tensor(value) or not value.is_floating_point() or value.numel() == 0:
-            continue
-        if torch.isnan(value).any() or (value.dim() > 0 and torch.isinf(value).any()):
-            return name
-    return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -68,7 +58,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if bad is not None:
             raise DivergenceError(
                 f"the weights became non-finite ({bad}) by step {checkpoint.get('global_step')}, so {path} was "
-                "not written and the last good checkpoint is kept; lower model.lr or set trainer.gradient_clip_val"
+                "not written; lower model.lr or set trainer.gradient_clip_val"
             )
         atomic_write(path, lambda fh: torch.save(checkpoint, fh))
 
@@ -116,6 +106,11 @@ class LastCheckpoint(Checkpoint):
 
     The checkpoint also carries the random generators' states, so a run resumed from an epoch boundary
     draws the same shuffles and dropout masks as one that never stopped.
+
+    A checkpoint is good once its weights have given a sane training loss (the next step's): until then the
+    previous ``last.ckpt`` is held beside it (a hard link), and if that next loss is NaN, inf or blown up (a
+    diverging run, see ``model.BLOWUP``) the previous one is put back, so ``last.ckpt`` is never weights that
+    cannot be trained on. :meth:`kept` says what is there.
     """
 
     def __init__(
@@ -140,11 +135,24 @@ class LastCheckpoint(Checkpoint):
         self._requeue_signal: int | None = None
         self._is_global_zero = True
         self._stepping = False
+        self._held_step: int | None = None  # the step of the previous last.ckpt held at HELD, if any
+        self._unconfirmed = False  # last.ckpt's weights have given no training loss yet
 
     @property
     def path(self) -> Path:
         assert self.dirpath is not None, "LastCheckpoint.setup() sets dirpath"
         return self.dirpath / LAST
+
+    @property
+    def held(self) -> Path:
+        assert self.dirpath is not None, "LastCheckpoint.setup() sets dirpath"
+        return self.dirpath / HELD
+
+    def kept(self) -> tuple[Path, int | None] | None:
+        """The good ``last.ckpt`` there is (and its step, when this run wrote it), or None."""
+        if not self.path.is_file() or self._unconfirmed:
+            return None
+        return self.path, self.last_saved_step
 
     # -- lifecycle --------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -198,6 +206,10 @@ class LastCheckpoint(Checkpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
+        if isinstance(exception, DivergenceError):
+            self._diverged(trainer)
+            return
+        self._release_held()
         # An unexpected exception outside the optimizer's update leaves the weights of the last finished step:
         # save them, so the run can be resumed from there. Never after a non-finite loss, an interruption (it
         # saved already, or was told not to), inside the update (half-applied) or with several processes (the
@@ -216,6 +228,40 @@ class LastCheckpoint(Checkpoint):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore_handlers()
+        self._release_held()
+
+    # -- holding the previous checkpoint until the new one's weights give a finite loss -------------
+    def _hold_previous(self) -> None:
+        if not self._is_global_zero or not self.path.is_file():
+            return
+        if self._held_step is not None or self._unconfirmed:
+            return  # already holding an older good one, or last.ckpt is itself unconfirmed: keep what is held
+        self.held.unlink(missing_ok=True)
+        try:
+            os.link(self.path, self.held)
+        except OSError:  # no hard links on this file system: nothing is held, a bad last.ckpt is removed instead
+            return
+        self._held_step = -1 if self.last_saved_step is None else self.last_saved_step
+
+    def _release_held(self) -> None:
+        """last.ckpt is good (or the run ended): the held previous one is no longer needed."""
+        self._unconfirmed = False
+        if self._held_step is not None and self._is_global_zero:
+            self.held.unlink(missing_ok=True)
+        self._held_step = None
+
+    def _diverged(self, trainer: pl.Trainer) -> None:
+        """A non-finite loss: a last.ckpt written after the last finite loss holds the weights that gave it."""
+        if not (self._unconfirmed and self.last_saved_step == trainer.global_step):
+            self._release_held()
+            return
+        if self._is_global_zero:
+            if self._held_step is not None:
+                os.replace(self.held, self.path)
+            else:
+                self.path.unlink(missing_ok=True)
+        self.last_saved_step = None if self._held_step in (None, -1) else self._held_step
+        self._held_step, self._unconfirmed = None, False
 
     # -- saving -----------------------------------------------------------------------------------
     def _should_skip(self, trainer: pl.Trainer) -> bool:
@@ -223,13 +269,22 @@ class LastCheckpoint(Checkpoint):
 
     def save(self, trainer: pl.Trainer) -> Path:
         """Write ``last.ckpt`` now (every rank must call this: the save is collective under DDP)."""
-        trainer.save_checkpoint(self.path, weights_only=False)
+        self._hold_previous()
+        try:
+            trainer.save_checkpoint(self.path, weights_only=False)
+        except BaseException:
+            if not self._unconfirmed:
+                self._release_held()  # last.ckpt is unchanged and good
+            raise
+        self._unconfirmed = True
         self.last_saved_step = trainer.global_step
         self._last_save_time = time.monotonic()
         return self.path
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._stepping = False
+        if self._unconfirmed and trainer.global_step != self.last_saved_step:
+            self._release_held()  # this batch's loss, from the weights last.ckpt holds, was finite
         if self._should_skip(trainer):
             return
         step = trainer.global_step

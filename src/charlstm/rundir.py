@@ -25,7 +25,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from charlstm.errors import process_rank
+from charlstm.errors import process_rank, write_failure
 
 # {key: {"base": the name asked for, "dir": the folder claimed, "pid": the process that claimed it}}
 DIRS_ENV = "CHARLSTM_RUN_DIRS"
@@ -52,15 +52,22 @@ def claim_dir(base: str | os.PathLike[str]) -> Path:
     """
     base = Path(base)
     missing = [p for p in (base.parent, *base.parent.parents) if not p.exists()]
-    base.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     while True:
         folder = base if n == 0 else base.with_name(f"{base.name}-{n}")
         try:
+            if n == 0:
+                base.parent.mkdir(parents=True, exist_ok=True)
             os.mkdir(folder)
         except FileExistsError:
             n += 1
             continue
+        except OSError as err:
+            if write_failure(err) is None:
+                raise
+            # A read-only or full disk: the name as it is, so the folder fails where it is made (Hydra's mkdir),
+            # in one line, rather than inside every Hydra callback that reads it (a warning each).
+            return base
         _made[folder] = missing
         return folder
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shlex
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,9 +48,11 @@ def search_needs_multirun(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     choice = hydra_cfg.runtime.choices.get("hparams_search")
     if choice and hydra_cfg.mode == RunMode.RUN:
-        args = " ".join(str(o) for o in hydra_cfg.overrides.task)
+        from charlstm.cli import command_line
+
+        again = command_line("train.py", "-m", *(str(o) for o in hydra_cfg.overrides.task))
         raise ConfigError(f"hparams_search={choice} is a search, which runs with -m (without it this would train one "
-                          f"plain run): python train.py -m {args}")  # fmt: skip
+                          f"plain run): {again}")  # fmt: skip
 
 
 # -- the search space ---------------------------------------------------------------------------------------------
@@ -346,14 +347,17 @@ def summary_rows(study: optuna.Study, sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def best_command(study: optuna.Study, fixed: list[str], script: str = "train.py") -> str | None:
-    """``python train.py ...`` with the command line's own settings and the best trial's values."""
+    """``train.py ...`` with the command line's own settings and the best trial's values, as a line that works when
+    pasted into a shell."""
     try:
         best = study.best_trial
     except ValueError:  # no complete trial
         return None
     args = [a for a in fixed if override_key(a) != "hparams_search"]
     args += [override(k, v) for k, v in best.params.items()]
-    return " ".join(["python", script, *(shlex.quote(a) for a in args)])
+    from charlstm.cli import command_line
+
+    return command_line(script, *args)
 
 
 def write_plots(study: optuna.Study, folder: Path) -> list[str]:

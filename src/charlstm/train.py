@@ -30,6 +30,7 @@ from charlstm.errors import (
     CharLSTMError,
     CheckpointError,
     ConfigError,
+    DivergenceError,
     TrainingFailed,
     TrainingInterrupted,
     exit_on_error,
@@ -84,6 +85,8 @@ def scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
     """The run's numbers as floats: Lightning's callback metrics but the x-axes the model gives TensorBoard."""
     found = trainer.callback_metrics
     return {k: float(v) for k, v in found.items() if torch.is_tensor(v) and v.numel() == 1 and k not in AXES}
+
+
 # Set by rank 0 when it resolves `ckpt_path=last`, so DDP ranks started later resume the very same file.
 RESUME_ENV = "CHARLSTM_RESUME_PATH"
 
@@ -338,6 +341,24 @@ def failed_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpoint, 
     return TrainingFailed(f"training stopped at step {trainer.global_step} by {what}; {saved}{where}")
 
 
+def diverged_error(exc: DivergenceError, last: LastCheckpoint, lr: float) -> DivergenceError:
+    """The line for a diverged run: what went non-finite, the good checkpoint there is (weights that gave a finite
+    loss) or that there is none, and how to go on with a smaller learning rate."""
+    what = str(exc).split("; ")[0]  # the model's or the checkpoint writer's first clause: what became non-finite
+    kept = last.kept()
+    if kept is None:
+        return DivergenceError(
+            f"{what}; this run has no checkpoint whose weights gave a sane loss, so none is kept; start again with a "
+            f"smaller learning rate (e.g. model.lr={lr / 10:g}) or set trainer.gradient_clip_val"
+        )
+    path, step = kept
+    at = f" (step {step})" if step is not None else ""
+    return DivergenceError(
+        f"{what}; the last good checkpoint is {path}{at}; resume it with a smaller learning rate: "
+        f"{command_line('train.py', f'ckpt_path={path}', f'model.lr={lr / 10:g}')} (or set trainer.gradient_clip_val)"
+    )
+
+
 def describe(cfg: DictConfig, out: Path) -> str:
     """One line saying what this run trains, on what, for how long, and where its files go."""
     from hydra.core.hydra_config import HydraConfig
@@ -471,6 +492,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 )
         except (KeyboardInterrupt, SystemExit) as exc:
             raise reached(interrupted_error(exc, trainer, last), objects) from None
+        except DivergenceError as exc:
+            raise reached(diverged_error(exc, last, float(cfg.model.lr)), objects) from None
         except CharLSTMError as err:
             reached(err, objects)
             raise
