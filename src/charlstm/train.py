@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -23,7 +25,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from charlstm import checkpoint, cluster
-from charlstm.callbacks import ConfigHParams, check_prompt, sample_prompt
+from charlstm.callbacks import ConfigHParams, NewLearningRate, check_prompt, sample_prompt
 from charlstm.config import validate_train
 from charlstm.errors import (
     CharLSTMError,
@@ -34,12 +36,13 @@ from charlstm.errors import (
     exit_on_error,
     process_rank,
 )
+from charlstm.fileio import atomic_write_text
 from charlstm.hardware import resolve_precision
 from charlstm.jobranks import sweep_job_ranks
 from charlstm.logs import quiet_known_warnings, route_library_logs
 from charlstm.progress import FinalValidation, ValidationLog
 from charlstm.reliability import AtomicCheckpointIO, LastCheckpoint, ensure_last_checkpoint
-from charlstm.rundir import override_key
+from charlstm.rundir import RUN_FILES, hold, holds, override_key, run_folder_of  # noqa: F401 -- RUN_FILES: importers
 from charlstm.vocab import char_list
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,6 @@ def instantiate_named(group: DictConfig | None) -> list[Any]:
     return built
 
 
-RUN_FILES = ("config.yaml",)
 # Set by rank 0 when it resolves `ckpt_path=last`, so DDP ranks started later resume the very same file.
 RESUME_ENV = "CHARLSTM_RESUME_PATH"
 
@@ -125,14 +127,6 @@ def resolve_resume(cfg: DictConfig) -> Path:
     return path
 
 
-def run_folder_of(ckpt_path: Path) -> Path | None:
-    """The run folder a checkpoint belongs to (``RUN/checkpoints/x.ckpt`` beside ``RUN/config.yaml``), if any."""
-    run = ckpt_path.parent.parent
-    if ckpt_path.parent.name == "checkpoints" and all((run / f).is_file() for f in RUN_FILES):
-        return run
-    return None
-
-
 def check_resume_has_work(cfg: DictConfig, ckpt_path: Path, ckpt: dict[str, Any]) -> None:
     done, max_epochs = epochs_done(ckpt), cfg.trainer.get("max_epochs")
     if max_epochs is not None and max_epochs != -1 and done >= max_epochs:
@@ -163,7 +157,9 @@ def instantiate_loggers(group: DictConfig | None, purge_step: int | None) -> lis
 
 
 def save_run_config(cfg: DictConfig, out: Path, resumed: Path | None, step: int) -> None:
-    """config.yaml for a new run; config-resume-N.yaml beside it for each resume (the first is never lost)."""
+    """config.yaml for a new run; config-resume-N.yaml beside it for each resume (the first is never lost). Written
+    atomically. A corpus file is recorded by its absolute path and its sha256 (``data.sha256``), so the run can be
+    resumed or scored from any working folder, and from a new ``data.path`` once the file has moved."""
     out.mkdir(parents=True, exist_ok=True)
     name = "config.yaml"
     if resumed is not None and (out / name).exists():
@@ -171,22 +167,32 @@ def save_run_config(cfg: DictConfig, out: Path, resumed: Path | None, step: int)
         while (out / f"config-resume-{n}.yaml").exists():
             n += 1
         name = f"config-resume-{n}.yaml"
-    OmegaConf.save(cfg, out / name, resolve=True)
-    if resumed is None:
-        return
-    log.info("resuming %s at step %d in %s", resumed, step, out)
-    try:
-        from hydra.core.hydra_config import HydraConfig
+    saved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    corpus = local_corpus(saved.data)
+    if corpus is not None:
+        saved.data.path = str(corpus)
+        if saved.data.get("sha256") is None:
+            saved.data.sha256 = file_sha256(corpus)
+    atomic_write_text(out / name, OmegaConf.to_yaml(saved))
+    if resumed is not None:
+        log.info("resuming %s at step %d in %s", resumed, step, out)
 
-        hydra_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
-    except ValueError:
-        hydra_dir = None
-    if hydra_dir is not None and hydra_dir.resolve() != out.resolve():
-        # Hydra made a fresh folder for this command; point from it to where the run goes on.
-        hydra_dir.mkdir(parents=True, exist_ok=True)
-        (hydra_dir / "resumed.txt").write_text(
-            f"this command resumed {resumed} (step {step}); its checkpoints and TensorBoard events are in {out}\n"
-        )
+
+def local_corpus(data: DictConfig) -> Path | None:
+    """The absolute path of the run's corpus when it is a local file (``data=file``, not a URL), else None."""
+    path = data.get("path")
+    if data.get("source") != "file" or not path or re.match(r"^https?://", str(path)):
+        return None
+    return Path(str(path)).expanduser().absolute()
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while piece := fh.read(1 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def interrupted_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpoint) -> TrainingInterrupted:
@@ -201,8 +207,9 @@ def interrupted_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpo
     )
 
 
-# What a resumed run may change on the command line: limits, hardware, logging and reporting. Anything else
-# under data.* or model.* (or another recipe) would continue the run on other text or another network.
+# What a resumed run may change on the command line: limits, hardware, logging and reporting, and the learning rate
+# (a diverged run goes on with a smaller one). Any other setting under data.* or model.* (or another recipe) would
+# continue the run on other text or another network: set to the run's own value it is accepted, else refused.
 RESUME_SAFE = (
     "trainer.max_steps", "trainer.max_time", "trainer.max_epochs", "trainer.min_epochs", "trainer.log_every_n_steps",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.val_check_interval",
@@ -210,10 +217,12 @@ RESUME_SAFE = (
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.precision",
     "trainer.gradient_clip_val", "trainer.profiler", "trainer.deterministic",
     "callbacks", "logger", "sample", "paths", "ckpt_path", "seed", "optimized_metric", "task_name",
-    "data.num_workers", "data.val_batch_size",
+    "data.num_workers", "data.val_batch_size", "model.lr",
 )  # fmt: skip
 # trainer=NAME on a resume changes the hardware only
 TRAINER_HARDWARE = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+# Config groups whose choice is the run's recipe, compared with the run's own choice on a resume
+RESUME_GROUPS = ("data", "model", "experiment")
 
 
 def hydra_overrides() -> list[str] | None:
@@ -225,30 +234,129 @@ def hydra_overrides() -> list[str] | None:
     return list(HydraConfig.get().overrides.task)
 
 
+def is_safe(key: str) -> bool:
+    return any(key == safe or key.startswith(safe + ".") for safe in RESUME_SAFE)
+
+
+def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"data.seq_len": 50, ...}``: every value of a plain nested dict, by its dotted key."""
+    if not isinstance(node, dict) or not node:
+        return {prefix.rstrip("."): node} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(leaves(value, f"{prefix}{key}."))
+    return flat
+
+
+def plain(cfg: DictConfig) -> dict[str, Any]:
+    """The config's values, resolved, except ``paths`` (a resume keeps the run's own folders)."""
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    container.pop("paths", None)
+    return container
+
+
+def run_choices(run_dir: Path) -> dict[str, str | None]:
+    """The config groups the run's own command chose (RUN/.hydra/hydra.yaml); empty when it has none."""
+    try:
+        choices = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices
+        return {str(k): (None if v is None else str(v)) for k, v in choices.items()}
+    except Exception:  # no .hydra (a run trained from Python), or an unreadable one: nothing to compare
+        return {}
+
+
+def same_value(key: str, old: Any, new: Any) -> bool:
+    if key == "data.path" and old and new:
+        return Path(str(old)).expanduser().absolute() == Path(str(new)).expanduser().absolute()
+    return old == new
+
+
+def check_moved_corpus(saved: DictConfig, new_path: str, run_dir: Path) -> None:
+    """A new ``data.path`` on a resume is the run's corpus moved: accepted when the file holds the very bytes the run
+    trained on (its recorded sha256), refused in one line otherwise."""
+    expected = saved.data.get("sha256")
+    path = Path(new_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"data.path={new_path} does not exist; point it at the run's corpus file where it is now")
+    if expected is None:
+        raise ConfigError(
+            f"data.path={new_path}: the run being resumed ({run_dir}) recorded no sha256 of its corpus, so a moved "
+            f"file cannot be checked; put its corpus back at {saved.data.path}"
+        )
+    if file_sha256(path) != str(expected).lower():
+        raise ConfigError(
+            f"data.path={new_path} is not the text the run being resumed trained on ({run_dir}; its corpus was "
+            f"{saved.data.path}, sha256 {str(expected)[:12]}...); point data.path at that text, or start a new run"
+        )
+
+
 def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> DictConfig:
     """The resumed run's own saved config, with the command line's safe overrides on top.
 
     A resume continues the run as it was configured (its data, recipe and model), so ``python train.py
-    ckpt_path=RUN/checkpoints/last.ckpt`` needs nothing else; an override that would change the data or the
-    model is refused in one line.
+    ckpt_path=RUN/checkpoints/last.ckpt`` needs nothing else. The command line may repeat the run's own settings
+    (its whole first command with ``ckpt_path`` added): a setting equal to the run's value is accepted; one that
+    would change its data, recipe or model is refused in one line naming the key with the run's value and the new
+    one. ``data.path`` may name the run's corpus where it is now (same bytes); ``model.lr`` may change. A config
+    group chosen on the command line (``data=shakespeare``, ``experiment=seed``) is compared with the run's own
+    choice (RUN/.hydra/hydra.yaml).
     """
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
     saved = OmegaConf.load(run_dir / "config.yaml")
+    where = run_dir / "config.yaml"
+
+    def refuse(override: str, what: str) -> ConfigError:
+        return ConfigError(
+            f"{override} would change {what} of the run being resumed ({where}); resume without it (the run keeps "
+            "its own settings), or start a new run without ckpt_path"
+        )
+
+    old_choices = run_choices(run_dir)
+    hydra_cfg = HydraConfig.get()
+    choices = dict(hydra_cfg.runtime.choices)
+    # What the command line asks: every key an override names, and for a group chosen where the run's own choice is
+    # unknown, the settings that choice gives another value than the plain config has.
+    now, before = leaves(plain(cfg)), leaves(plain(compose(config_name=hydra_cfg.job.config_name, overrides=[])))
+    old = leaves(OmegaConf.to_container(saved, resolve=True))
+    asked: dict[str, str] = {}  # setting -> the override that asks for it
+    groups = [o for o in overrides if override_key(o) in choices]
     for override in overrides:
-        key = override_key(override)
-        if key == "trainer":
+        if override not in groups:
+            key = override_key(override)
+            for name in now.keys() | old.keys():
+                if name == key or name.startswith(key + "."):
+                    asked.setdefault(name, override)
+    for override in groups:
+        group = override_key(override)
+        if group in old_choices:  # the run's own choice is known: the choice is what counts
+            if group in RESUME_GROUPS and str(choices.get(group)) != str(old_choices[group]):
+                raise refuse(override, f"{group}={old_choices[group]}")
+            continue
+        for name in now.keys() | before.keys():
+            if now.get(name) != before.get(name) and (group == "experiment" or name.startswith(group + ".")):
+                asked.setdefault(name, override)
+    for override in overrides:
+        if override_key(override) == "trainer":
             for name in TRAINER_HARDWARE:
                 if name in cfg.trainer:
                     OmegaConf.update(saved, f"trainer.{name}", cfg.trainer[name], force_add=True)
+    for name, override in sorted(asked.items()):
+        if override_key(override) == "trainer" or name.startswith("paths."):
             continue
-        if not any(key == safe or key.startswith(safe + ".") for safe in RESUME_SAFE):
-            what = "model" if key.split(".")[0] == "model" else "data or recipe"
-            raise ConfigError(
-                f"{override} would change the {what} of the run being resumed ({run_dir / 'config.yaml'}); "
-                "resume without it (the run keeps its own settings), or start a new run without ckpt_path"
-            )
-        if override.startswith("~"):
+        if is_safe(name):
+            if not override.startswith("~"):
+                OmegaConf.update(saved, name, OmegaConf.select(cfg, name), merge=False, force_add=True)
             continue
-        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
+        new = now.get(name)
+        if same_value(name, old.get(name), new):
+            continue
+        if name == "data.path" and new:
+            check_moved_corpus(saved, str(new), run_dir)
+            OmegaConf.update(saved, name, str(Path(str(new)).expanduser().absolute()), merge=False)
+            continue
+        shown = override if "=" in override and override_key(override) == name else f"{override} (it sets {name})"
+        raise refuse(shown, f"{name}={old.get(name)} to {new}")
     with open_dict(saved):
         saved.paths.output_dir = str(run_dir)
         saved.paths.outputs_root = cfg.paths.outputs_root
@@ -320,8 +428,9 @@ def failed_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpoint, 
     return TrainingFailed(f"training stopped at step {trainer.global_step} by {what}; {saved}{where}")
 
 
-def describe(cfg: DictConfig, out: Path) -> str:
-    """One line saying what this run trains, on what, for how long, and where its files go."""
+def describe(cfg: DictConfig, out: Path, recipe: str | None = None) -> str:
+    """One line saying what this run trains, on what, for how long, and where its files go; ``recipe`` is the
+    resumed run's own (its first command chose it), else this command's."""
     from hydra.core.hydra_config import HydraConfig
 
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
@@ -330,7 +439,7 @@ def describe(cfg: DictConfig, out: Path) -> str:
     limits = ", ".join(
         f"{k} {t.get(k)}" for k in ("max_steps", "max_epochs", "max_time") if t.get(k) not in (None, -1)
     )  # fmt: skip
-    recipe = choices.get("experiment") or "none"
+    recipe = recipe or choices.get("experiment") or "none"
     return (
         f"training: recipe {recipe}, {corpus} ({d.layout}, seq_len {d.seq_len}, batch {d.batch_size}), "
         f"{m.layers} x {m.units} LSTM ({m.encoding}), {t.accelerator} {t.precision}, {limits or 'no limit'}; "
@@ -355,10 +464,12 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any], **o
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train a model as configured; returns the final metrics and the objects built (for tests and callers)."""
     overrides = hydra_overrides()
+    recipe = None
     if cfg.get("ckpt_path") and overrides is not None:
         run_dir = run_folder_of(resolve_resume(cfg))
         if run_dir is not None:
             cfg = resumed_config(cfg, run_dir, overrides)
+            recipe = run_choices(run_dir).get("experiment", "unknown") or "none"
     requeued = cluster.requeued_checkpoint(Path(cfg.paths.output_dir))
     if requeued is not None:  # a requeued cluster job: the same job again, going on from where it stopped
         with open_dict(cfg):
@@ -376,6 +487,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             # Continue in the checkpoint's run folder: checkpoints and TensorBoard curves carry on in place.
             with open_dict(cfg):
                 cfg.paths.output_dir = str(run_dir)
+    # one process trains in a run folder: a second (a resume of a running run, a run given the same hydra.run.dir)
+    # is refused here, before it reads its data or writes anything
+    hold(cfg.paths.output_dir, resuming=ckpt_path is not None)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -387,6 +501,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     )  # fmt: skip
     if ckpt is not None:
         check_resume_compatible(ckpt_path, ckpt, model)
+        lr = ckpt["hyper_parameters"].get("lr")
+        if lr is not None and float(lr) != float(cfg.model.lr):
+            log.info("resuming with model.lr=%g (the run had %g): the optimizer's learning rate is scaled by %g",
+                     cfg.model.lr, lr, cfg.model.lr / lr)  # fmt: skip
     if cfg.sample.length > 0 and cfg.sample.prompt:
         from charlstm.sampling import Generator
 
@@ -399,6 +517,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if not show_bar:
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     callbacks += [FinalValidation(), ValidationLog()]
+    if ckpt is not None and ckpt["hyper_parameters"].get("lr") not in (None, cfg.model.lr):
+        callbacks.append(NewLearningRate(float(ckpt["hyper_parameters"]["lr"]), float(cfg.model.lr)))
     for cb in callbacks:
         if isinstance(cb, ConfigHParams):
             cb.config = cfg  # the whole run config goes into TensorBoard's HParams tab
@@ -416,7 +536,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer = build_trainer(cfg, callbacks, loggers, enable_progress_bar=show_bar)
 
     if trainer.is_global_zero:
-        log.info(describe(cfg, out))
+        log.info(describe(cfg, out, recipe))
         save_run_config(cfg, out, ckpt_path, step)
     del ckpt
     with sweep_job_ranks(trainer):  # DDP in a multirun job: its other ranks run this job, then end
@@ -601,6 +721,7 @@ def run(cfg: DictConfig) -> float | None:
     quiet_known_warnings()
     started = time.monotonic()
     folder, job = hydra_run_dir(), sweep_job()
+    resuming = folder is not None and (folder / "config.yaml").is_file()  # a resume runs in the run's own folder
     try:
         try:
             metrics, objects = train(cfg)
@@ -614,11 +735,18 @@ def run(cfg: DictConfig) -> float | None:
             raise
         if job is None:
             remove_if_empty(folder, Path(cfg.paths.outputs_root))
-            if folder.is_dir():
-                from charlstm.summary import FAILED, INTERRUPTED, write_result
+            # a resume refused before it trained (another process holds the run, a changed setting) leaves the run's
+            # result.json as it was; one that stopped while training keeps the run's history in it
+            refused = isinstance(exc, ConfigError | CheckpointError) or not holds(folder)
+            if folder.is_dir() and not (resuming and refused):
+                from charlstm.summary import FAILED, INTERRUPTED, read_result, write_result
 
                 state = INTERRUPTED if isinstance(exc, TrainingInterrupted) else FAILED
-                write_result(folder, run_result(cfg, state, time.monotonic() - started, error=exc))
+                result = run_result(cfg, state, time.monotonic() - started, error=exc)
+                earlier = read_result(folder) if resuming else None
+                if earlier:
+                    result = {**earlier, **{k: result[k] for k in ("state", "error", "error_type")}}
+                write_result(folder, result)
             raise
         record_failure(cfg, exc, folder, time.monotonic() - started)
         if isinstance(exc, Exception) and not isinstance(exc, TrainingInterrupted):
