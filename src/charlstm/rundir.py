@@ -269,6 +269,39 @@ def run_folder_of(ckpt_path: str | os.PathLike[str]) -> Path | None:
     return None
 
 
+def absolute(path: Any) -> Path:
+    """``path`` from the working folder, made absolute (``..`` resolved, symbolic links kept)."""
+    return Path(os.path.abspath(Path(str(path)).expanduser()))
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while piece := fh.read(1 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def check_moved_corpus(data: Any, new_path: str, run_dir: Path) -> None:
+    """A new ``data.path`` for a run's own text (a resume, or its own validation text in eval.py) is the run's
+    corpus file moved: accepted when the file holds the very bytes the run trained on (the sha256 its config.yaml
+    recorded, ``data.sha256``), refused in one line otherwise."""
+    expected = data.get("sha256")
+    if not Path(new_path).expanduser().is_file():
+        raise ConfigError(f"data.path={new_path} is not a file; point it at the run's corpus file where it is now")
+    if expected is None:
+        raise ConfigError(
+            f"data.path={new_path}: the run in {run_dir} recorded no sha256 of its corpus, so a moved file cannot be "
+            f"checked; put its corpus back at {data.get('path')}"
+        )
+    if file_sha256(Path(new_path).expanduser()) != str(expected).lower():
+        raise ConfigError(
+            f"data.path={new_path} is not the text the run in {run_dir} trained on (its corpus was {data.get('path')}, "
+            f"sha256 {str(expected)[:12]}...); point data.path at that text"
+        )
+
+
 def resumed_folder(ckpt_path: Any, outputs_root: Any) -> Path | None:
     """The run folder ``ckpt_path`` (a path or ``last``) continues, or None (a new run, or a loose checkpoint)."""
     if not ckpt_path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import re
@@ -42,7 +41,15 @@ from charlstm.jobranks import sweep_job_ranks
 from charlstm.logs import quiet_known_warnings, route_library_logs
 from charlstm.progress import FinalValidation, ValidationLog
 from charlstm.reliability import AtomicCheckpointIO, LastCheckpoint, ensure_last_checkpoint
-from charlstm.rundir import RUN_FILES, hold, holds, override_key, run_folder_of  # noqa: F401 -- RUN_FILES: importers
+from charlstm.rundir import (
+    absolute,
+    check_moved_corpus,
+    file_sha256,
+    hold,
+    holds,
+    override_key,
+    run_folder_of,
+)
 from charlstm.vocab import char_list
 
 log = logging.getLogger(__name__)
@@ -183,16 +190,7 @@ def local_corpus(data: DictConfig) -> Path | None:
     path = data.get("path")
     if data.get("source") != "file" or not path or re.match(r"^https?://", str(path)):
         return None
-    return Path(str(path)).expanduser().absolute()
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes, read in 1 MiB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while piece := fh.read(1 << 20):
-            digest.update(piece)
-    return digest.hexdigest()
+    return absolute(path)
 
 
 def interrupted_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpoint) -> TrainingInterrupted:
@@ -259,34 +257,15 @@ def run_choices(run_dir: Path) -> dict[str, str | None]:
     """The config groups the run's own command chose (RUN/.hydra/hydra.yaml); empty when it has none."""
     try:
         choices = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices
-        return {str(k): (None if v is None else str(v)) for k, v in choices.items()}
+        return {str(k): (None if v is None else str(v)) for k, v in choices.items() if v is not None}
     except Exception:  # no .hydra (a run trained from Python), or an unreadable one: nothing to compare
         return {}
 
 
 def same_value(key: str, old: Any, new: Any) -> bool:
     if key == "data.path" and old and new:
-        return Path(str(old)).expanduser().absolute() == Path(str(new)).expanduser().absolute()
+        return absolute(old) == absolute(new)
     return old == new
-
-
-def check_moved_corpus(saved: DictConfig, new_path: str, run_dir: Path) -> None:
-    """A new ``data.path`` on a resume is the run's corpus moved: accepted when the file holds the very bytes the run
-    trained on (its recorded sha256), refused in one line otherwise."""
-    expected = saved.data.get("sha256")
-    path = Path(new_path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"data.path={new_path} does not exist; point it at the run's corpus file where it is now")
-    if expected is None:
-        raise ConfigError(
-            f"data.path={new_path}: the run being resumed ({run_dir}) recorded no sha256 of its corpus, so a moved "
-            f"file cannot be checked; put its corpus back at {saved.data.path}"
-        )
-    if file_sha256(path) != str(expected).lower():
-        raise ConfigError(
-            f"data.path={new_path} is not the text the run being resumed trained on ({run_dir}; its corpus was "
-            f"{saved.data.path}, sha256 {str(expected)[:12]}...); point data.path at that text, or start a new run"
-        )
 
 
 def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> DictConfig:
@@ -308,30 +287,31 @@ def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Dict
 
     def refuse(override: str, what: str) -> ConfigError:
         return ConfigError(
-            f"{override} would change {what} of the run being resumed ({where}); resume without it (the run keeps "
-            "its own settings), or start a new run without ckpt_path"
+            f"{override} would change {what} ({where}); resume without it (the run keeps its own settings), or start "
+            "a new run without ckpt_path"
         )
 
     old_choices = run_choices(run_dir)
     hydra_cfg = HydraConfig.get()
-    choices = dict(hydra_cfg.runtime.choices)
+    choices = {str(k): str(v) for k, v in hydra_cfg.runtime.choices.items() if v is not None}
     # What the command line asks: every key an override names, and for a group chosen where the run's own choice is
     # unknown, the settings that choice gives another value than the plain config has.
     now, before = leaves(plain(cfg)), leaves(plain(compose(config_name=hydra_cfg.job.config_name, overrides=[])))
     old = leaves(OmegaConf.to_container(saved, resolve=True))
     asked: dict[str, str] = {}  # setting -> the override that asks for it
-    groups = [o for o in overrides if override_key(o) in choices]
-    for override in overrides:
+    groups = [o for o in overrides if override_key(o) in choices or override_key(o) in RESUME_GROUPS]
+    for override in reversed(overrides):  # the last override of a key is the one that counts
         if override not in groups:
             key = override_key(override)
             for name in now.keys() | old.keys():
                 if name == key or name.startswith(key + "."):
                     asked.setdefault(name, override)
-    for override in groups:
-        group = override_key(override)
-        if group in old_choices:  # the run's own choice is known: the choice is what counts
-            if group in RESUME_GROUPS and str(choices.get(group)) != str(old_choices[group]):
-                raise refuse(override, f"{group}={old_choices[group]}")
+    for override in [o for i, o in enumerate(groups) if override_key(o) not in map(override_key, groups[i + 1 :])]:
+        group = override_key(override)  # the last choice of each group
+        if old_choices:  # the run's own choices are known: the choice is what counts
+            if group in RESUME_GROUPS and choices.get(group) != old_choices.get(group):
+                raise refuse(override, f"the {group} of the run being resumed from {old_choices.get(group)} to "
+                                       f"{choices.get(group)}")  # fmt: skip
             continue
         for name in now.keys() | before.keys():
             if now.get(name) != before.get(name) and (group == "experiment" or name.startswith(group + ".")):
@@ -352,11 +332,11 @@ def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Dict
         if same_value(name, old.get(name), new):
             continue
         if name == "data.path" and new:
-            check_moved_corpus(saved, str(new), run_dir)
-            OmegaConf.update(saved, name, str(Path(str(new)).expanduser().absolute()), merge=False)
+            check_moved_corpus(saved.data, str(new), run_dir)
+            OmegaConf.update(saved, name, str(absolute(new)), merge=False)
             continue
         shown = override if "=" in override and override_key(override) == name else f"{override} (it sets {name})"
-        raise refuse(shown, f"{name}={old.get(name)} to {new}")
+        raise refuse(shown, f"{name} of the run being resumed from {old.get(name)} to {new}")
     with open_dict(saved):
         saved.paths.output_dir = str(run_dir)
         saved.paths.outputs_root = cfg.paths.outputs_root
@@ -469,7 +449,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         run_dir = run_folder_of(resolve_resume(cfg))
         if run_dir is not None:
             cfg = resumed_config(cfg, run_dir, overrides)
-            recipe = run_choices(run_dir).get("experiment", "unknown") or "none"
+            recipe = run_choices(run_dir).get("experiment") or "none"
     requeued = cluster.requeued_checkpoint(Path(cfg.paths.output_dir))
     if requeued is not None:  # a requeued cluster job: the same job again, going on from where it stopped
         with open_dict(cfg):
