@@ -470,6 +470,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # one process trains in a run folder: a second (a resume of a running run, a run given the same hydra.run.dir)
     # is refused here, before it reads its data or writes anything
     hold(cfg.paths.output_dir, resuming=ckpt_path is not None)
+    out = Path(cfg.paths.output_dir)
+    new_run_here = ckpt_path is None and overrides is not None and sweep_job() is None and not cluster.requeue_count()
+    if new_run_here and (out / "config.yaml").is_file():  # an explicit hydra.run.dir of an earlier run: files would mix
+        raise ConfigError(
+            f"run folder {out} already holds a run; resume it with ckpt_path={out / 'checkpoints' / 'last.ckpt'}, "
+            "or choose another hydra.run.dir"
+        )
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -481,10 +488,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     )  # fmt: skip
     if ckpt is not None:
         check_resume_compatible(ckpt_path, ckpt, model)
-        lr = ckpt["hyper_parameters"].get("lr")
-        if lr is not None and float(lr) != float(cfg.model.lr):
-            log.info("resuming with model.lr=%g (the run had %g): the optimizer's learning rate is scaled by %g",
-                     cfg.model.lr, lr, cfg.model.lr / lr)  # fmt: skip
     if cfg.sample.length > 0 and cfg.sample.prompt:
         from charlstm.sampling import Generator
 
@@ -497,8 +500,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if not show_bar:
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     callbacks += [FinalValidation(), ValidationLog()]
-    if ckpt is not None and ckpt["hyper_parameters"].get("lr") not in (None, cfg.model.lr):
-        callbacks.append(NewLearningRate(float(ckpt["hyper_parameters"]["lr"]), float(cfg.model.lr)))
+    old_lr = ckpt["hyper_parameters"].get("lr") if ckpt is not None else None
+    if old_lr is not None and float(old_lr) != float(cfg.model.lr):  # e.g. a diverged run goes on with a smaller one
+        log.info("resuming with model.lr=%g (the run had %g): the optimizer's learning rate is scaled by %g",
+                 cfg.model.lr, old_lr, cfg.model.lr / old_lr)  # fmt: skip
+        callbacks.append(NewLearningRate(float(old_lr), float(cfg.model.lr)))
     for cb in callbacks:
         if isinstance(cb, ConfigHParams):
             cb.config = cfg  # the whole run config goes into TensorBoard's HParams tab
