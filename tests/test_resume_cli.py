@@ -79,11 +79,11 @@ def test_a_changed_setting_is_refused_naming_it_and_the_run_is_left_as_it_was(tm
         (
             ["experiment=charrnn"],
             "experiment=charrnn would change the experiment of the run being resumed from seed to charrnn",
-        ),  # fmt: skip
+        ),
         (
             ["data=shakespeare"],
             "data=shakespeare would change the data of the run being resumed from macbeth to shakespeare",
-        ),  # fmt: skip
+        ),
     ]
     for args, expected in cases:
         line = one_line_error(train(tmp_path, data_dir, *args, MORE, f"ckpt_path={last}"))
