@@ -472,6 +472,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     hold(cfg.paths.output_dir, resuming=ckpt_path is not None)
     out = Path(cfg.paths.output_dir)
     new_run_here = ckpt_path is None and overrides is not None and sweep_job() is None and not cluster.requeue_count()
+    new_run_here = new_run_here and process_rank() == 0  # DDP ranks > 0 start once rank 0 has written config.yaml
     if new_run_here and (out / "config.yaml").is_file():  # an explicit hydra.run.dir of an earlier run: files would mix
         raise ConfigError(
             f"run folder {out} already holds a run; resume it with ckpt_path={out / 'checkpoints' / 'last.ckpt'}, "
