@@ -213,3 +213,24 @@ def test_a_resume_with_another_learning_rate_scales_the_restored_optimizer(make_
     else:
         assert b["trainer"].lr_scheduler_configs[0].scheduler.base_lrs == pytest.approx([0.005, 0.005])
         assert opt_b.param_groups[0]["lr"] < 0.005  # decayed from the new peak
+
+
+def test_config_yaml_is_written_whole_or_not_at_all(make_cfg, tmp_path, monkeypatch):
+    from charlstm import fileio
+    from charlstm.train import save_run_config
+
+    cfg = make_cfg()
+    run = tmp_path / "run"
+    save_run_config(cfg, run, None, 0)
+    first = (run / "config.yaml").read_bytes()
+
+    def fail(src, dst):  # a crash at the moment of the rename
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(fileio.os, "replace", fail)
+    with open_dict(cfg):
+        cfg.model.units = 999
+    with pytest.raises(OSError, match="disk gone"):
+        save_run_config(cfg, run, None, 0)
+    assert (run / "config.yaml").read_bytes() == first  # the old file, whole
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # no temporary left behind
