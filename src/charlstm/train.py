@@ -253,11 +253,11 @@ def plain(cfg: DictConfig) -> dict[str, Any]:
     return container
 
 
-def run_choices(run_dir: Path) -> dict[str, str | None]:
+def run_choices(run_dir: Path) -> dict[str, str]:
     """The config groups the run's own command chose (RUN/.hydra/hydra.yaml); empty when it has none."""
     try:
         choices = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices
-        return {str(k): (None if v is None else str(v)) for k, v in choices.items() if v is not None}
+        return {str(k): str(v) for k, v in choices.items() if v is not None}
     except Exception:  # no .hydra (a run trained from Python), or an unreadable one: nothing to compare
         return {}
 
@@ -294,11 +294,9 @@ def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Dict
     old_choices = run_choices(run_dir)
     hydra_cfg = HydraConfig.get()
     choices = {str(k): str(v) for k, v in hydra_cfg.runtime.choices.items() if v is not None}
-    # What the command line asks: every key an override names, and for a group chosen where the run's own choice is
-    # unknown, the settings that choice gives another value than the plain config has.
-    now, before = leaves(plain(cfg)), leaves(plain(compose(config_name=hydra_cfg.job.config_name, overrides=[])))
-    old = leaves(OmegaConf.to_container(saved, resolve=True))
-    asked: dict[str, str] = {}  # setting -> the override that asks for it
+    mine = plain(cfg)
+    now, old = leaves(mine), leaves(OmegaConf.to_container(saved, resolve=True))
+    asked: dict[str, str] = {}  # setting -> the override that asks for it: every key an override names
     groups = [o for o in overrides if override_key(o) in choices or override_key(o) in RESUME_GROUPS]
     for override in reversed(overrides):  # the last override of a key is the one that counts
         if override not in groups:
@@ -306,15 +304,25 @@ def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Dict
             for name in now.keys() | old.keys():
                 if name == key or name.startswith(key + "."):
                     asked.setdefault(name, override)
+    before: dict[str, Any] | None = None
     for override in [o for i, o in enumerate(groups) if override_key(o) not in map(override_key, groups[i + 1 :])]:
         group = override_key(override)  # the last choice of each group
-        if old_choices:  # the run's own choices are known: the choice is what counts
-            if group in RESUME_GROUPS and choices.get(group) != old_choices.get(group):
+        if group == "trainer":  # the hardware only, below
+            continue
+        if is_safe(group):  # logger=csv, callbacks=none
+            OmegaConf.update(saved, group, OmegaConf.select(cfg, group), merge=False, force_add=True)
+            continue
+        if group in RESUME_GROUPS and old_choices:  # the run's own choice is known: the choice is what counts
+            if choices.get(group) != old_choices.get(group):
                 raise refuse(override, f"the {group} of the run being resumed from {old_choices.get(group)} to "
                                        f"{choices.get(group)}")  # fmt: skip
             continue
+        # any other group (debug=fast), or the run's choice unknown: the settings the choice gives another value than
+        # the plain config has (a group of the global package, e.g. a recipe, may set any of them)
+        if before is None:
+            before = leaves(plain(compose(config_name=hydra_cfg.job.config_name, overrides=[])))
         for name in now.keys() | before.keys():
-            if now.get(name) != before.get(name) and (group == "experiment" or name.startswith(group + ".")):
+            if now.get(name) != before.get(name) and (group not in mine or name.startswith(group + ".")):
                 asked.setdefault(name, override)
     for override in overrides:
         if override_key(override) == "trainer":
