@@ -94,8 +94,9 @@ def test_a_changed_setting_is_refused_naming_it_and_the_run_is_left_as_it_was(tm
                    "hydra.run.dir"  # fmt: skip
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name not in ("train.log", ".lock")} == files
     assert len(headers(run)) == 1 and run_folders(tmp_path / "outputs") == [run]
-    # the learning rate may change (a run that diverged goes on with a smaller one)
-    done = ok(train(tmp_path, data_dir, *first, "model.lr=0.0005", MORE, f"ckpt_path={last}"))
+    # the learning rate may change (a run that diverged goes on with a smaller one), and so may the logger
+    done = ok(train(tmp_path, data_dir, *first, "model.lr=0.0005", "logger=csv", MORE, f"ckpt_path={last}"))
+    assert (run / "csv" / "metrics.csv").is_file()
     assert "resuming with model.lr=0.0005 (the run had 0.001)" in done.stdout
     assert torch.load(last, weights_only=True, map_location="cpu")["hyper_parameters"]["lr"] == 0.0005
 
