@@ -181,9 +181,9 @@ def test_resume_by_the_printed_line_restores_the_run(tmp_path):
     assert (run / "config-resume-1.yaml").is_file()
     # an override that would change the data of the run is refused in one line
     line = one_line_error(run_cli("train.py", f"ckpt_path={last}", "data.seq_len=100", cwd=tmp_path))
-    assert line.startswith("error: data.seq_len=100 would change the data or recipe of the run being resumed")
+    assert line.startswith("error: data.seq_len=100 would change data.seq_len of the run being resumed from 50 to 100")
     line = one_line_error(run_cli("train.py", "ckpt_path=last", "model.units=64", cwd=tmp_path))
-    assert "would change the model of the run being resumed" in line
+    assert "model.units=64 would change model.units of the run being resumed from 32 to 64" in line
 
 
 def test_resume_hint_names_train_py_key(tmp_path):

@@ -190,3 +190,47 @@ def test_checkpoint_outside_a_run_folder_resumes_into_a_new_one(make_cfg, tmp_pa
     assert objects["trainer"].current_epoch == 2
     assert sorted(p.name for p in loose.parent.iterdir()) == ["model.ckpt"]  # nothing written beside it
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] > 0
+
+
+@pytest.mark.parametrize("scheduler", ["none", "cosine"])
+def test_a_resume_with_another_learning_rate_scales_the_restored_optimizer(make_cfg, tmp_path, scheduler):
+    # A: 2 epochs at lr 0.01, its end-of-epoch-1 state copied; B: from that state, the second epoch at lr 0.005
+    epoch_end = tmp_path / "epoch-end.ckpt"
+    recipe = (f"model.scheduler={scheduler}", "trainer.max_epochs=2")
+    cfg = cfg_in(make_cfg, tmp_path / "a", *recipe, "model.lr=0.01")
+    with open_dict(cfg):
+        cfg.callbacks.copy = {"_target_": f"{__name__}.CopyAtEpochStart", "epoch": 1, "dst": str(epoch_end),
+                              "src": str(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt")}  # fmt: skip
+    _, a = train(cfg)
+    _, b = train(cfg_in(make_cfg, tmp_path / "b", *recipe, "model.lr=0.005", f"ckpt_path={epoch_end}"))
+    opt_a, opt_b = a["trainer"].optimizers[0], b["trainer"].optimizers[0]
+    assert b["trainer"].global_step == a["trainer"].global_step
+    for group_a, group_b in zip(opt_a.param_groups, opt_b.param_groups, strict=True):
+        # the same point of the schedule, at half the rate
+        assert group_b["lr"] == pytest.approx(group_a["lr"] / 2, rel=1e-9)
+    if scheduler == "none":
+        assert [g["lr"] for g in opt_b.param_groups] == [0.005, 0.005]
+    else:
+        assert b["trainer"].lr_scheduler_configs[0].scheduler.base_lrs == pytest.approx([0.005, 0.005])
+        assert opt_b.param_groups[0]["lr"] < 0.005  # decayed from the new peak
+
+
+def test_config_yaml_is_written_whole_or_not_at_all(make_cfg, tmp_path, monkeypatch):
+    from charlstm import fileio
+    from charlstm.train import save_run_config
+
+    cfg = make_cfg()
+    run = tmp_path / "run"
+    save_run_config(cfg, run, None, 0)
+    first = (run / "config.yaml").read_bytes()
+
+    def fail(src, dst):  # a crash at the moment of the rename
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(fileio.os, "replace", fail)
+    with open_dict(cfg):
+        cfg.model.units = 999
+    with pytest.raises(OSError, match="disk gone"):
+        save_run_config(cfg, run, None, 0)
+    assert (run / "config.yaml").read_bytes() == first  # the old file, whole
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # no temporary left behind

@@ -287,6 +287,27 @@ class ConfigHParams(Callback):
             logger.experiment.flush()
 
 
+class NewLearningRate(Callback):
+    """A resume with another ``model.lr``: the restored optimizer's rates (and its schedule's base rates) are scaled
+    by ``new / old`` when training starts, after Lightning restored them from the checkpoint, so the run goes on
+    where its schedule was, at the new peak rate."""
+
+    def __init__(self, old: float, new: float) -> None:
+        self.old, self.new = old, new
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        scale = self.new / self.old
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * scale
+                if "initial_lr" in group:
+                    group["initial_lr"] = group["initial_lr"] * scale
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if hasattr(scheduler, "base_lrs"):  # LambdaLR: each step sets base_lr x factor(step)
+                scheduler.base_lrs = [lr * scale for lr in scheduler.base_lrs]
+
+
 class LearningRate(Callback):
     """One learning-rate curve per optimizer (``train/lr``; ``train/lr/opt<i>`` for several), where Lightning's
     LearningRateMonitor draws one identical curve per parameter group. Groups whose rates differ get a curve each

@@ -90,14 +90,17 @@ def score_batches(
     return float(total), count
 
 
-def own_validation(path: Path, hp: dict[str, Any], windows: str = "all") -> tuple[Any, int, str]:
+def own_validation(
+    path: Path, hp: dict[str, Any], windows: str = "all", moved: str | None = None
+) -> tuple[Any, int, str]:
     """The validation windows of the run the checkpoint comes from, rebuilt from its saved config.yaml.
 
     ``windows=all`` scores every validation char, even where the run's validation took an even subsample
     (``data.val_max_windows``); ``windows=run`` takes the same subsample, to reproduce the run's logged val/bpc.
+    ``moved`` is where the run's corpus file is now (``data.path=`` alone), accepted when it holds the same bytes.
     """
     from charlstm.data import CharDataModule
-    from charlstm.train import run_folder_of
+    from charlstm.rundir import absolute, check_moved_corpus, run_folder_of
 
     run = run_folder_of(path)
     if run is None:
@@ -111,6 +114,9 @@ def own_validation(path: Path, hp: dict[str, Any], windows: str = "all") -> tupl
         raise ConfigError(f"{run / 'config.yaml'} cannot be read ({type(err).__name__}); pass data=...") from None
     accepted = inspect.signature(CharDataModule).parameters
     settings = {k: v for k, v in saved.items() if k in accepted}
+    if moved is not None and absolute(moved) != absolute(saved.get("path") or ""):
+        check_moved_corpus(saved, moved, run)
+        settings["path"] = str(absolute(moved))
     # The checkpoint's vocabulary and case, so ids mean what they meant in training.
     settings.update(vocab=list(hp["vocab"]), lowercase=hp.get("lowercase", True))
     if windows == "all":
@@ -153,8 +159,9 @@ def evaluate(cfg: DictConfig) -> Score:
     del ckpt
 
     skipped = 0
-    if cfg.get("data") is None:
-        dataset, context, where = own_validation(path, hp, cfg.windows)
+    if cfg.get("data") is None or "source" not in cfg.data:  # no data=...: the run's own text (data.path: moved)
+        moved = cfg.data.get("path") if cfg.get("data") is not None else None
+        dataset, context, where = own_validation(path, hp, cfg.windows, moved)
         batches = dataset_batches(dataset, cfg.batch_size)
     else:
         ids, skipped, where = read_text(cfg.data, hp, cfg.unknown)

@@ -55,7 +55,8 @@ class ValidationLog(Callback):
     """One line per validation: step, epoch, val/bpc (and the best so far), val/loss, train/loss.
 
     Always in train.log; on the console only when no progress bar is shown (logs and scripts), since the bar
-    already carries val/bpc. ``history`` keeps (step, val/bpc) of each validation, for the run's result.json.
+    already carries val/bpc. ``history`` keeps (step, val/bpc) of each validation, for the run's result.json; it
+    travels in the checkpoints, so a resumed run's history starts with the validations before it.
     """
 
     def __init__(self) -> None:
@@ -75,6 +76,12 @@ class ValidationLog(Callback):
             _fmt(m, "val/loss"), _fmt(m, "train/loss", 3),
             extra={"file_only": bar},
         )  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [list(p) for p in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [(int(step), float(bpc)) for step, bpc in state_dict.get("history", [])]
 
 
 class FinalValidation(Callback):

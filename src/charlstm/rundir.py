@@ -12,6 +12,8 @@ folder. A command that fails takes away the folders it claimed and left unused (
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -25,7 +27,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from charlstm.errors import process_rank, write_failure
+from charlstm.errors import ConfigError, process_rank, write_failure
 
 # {key: {"base": the name asked for, "dir": the folder claimed, "pid": the process that claimed it}}
 DIRS_ENV = "CHARLSTM_RUN_DIRS"
@@ -37,8 +39,8 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@-]+")
 # The lock a running sweep holds on its sweep folder (charlstm.sweepdir)
 SWEEP_LOCK = ".sweep.lock"
 # What a folder may hold and still count as unused: Hydra's copy of the config, a sweep's multirun.yaml and lock,
-# the log
-BOOKKEEPING = (".hydra", "multirun.yaml", SWEEP_LOCK, "train.log")
+# the log, a run's lock
+BOOKKEEPING = (".hydra", "multirun.yaml", SWEEP_LOCK, "train.log", ".lock")
 # The folders claim_dir made in this process, each with the parents it made for it (innermost first)
 _made: dict[Path, list[Path]] = {}
 
@@ -242,6 +244,130 @@ def adopt(claims: dict[str, Any]) -> None:
     os.environ[DIRS_ENV] = json.dumps(mine)
 
 
+# -- one process per run folder ---------------------------------------------------------------------------------
+LOCK_FILE = ".lock"
+RUN_FILES = ("config.yaml",)
+# The run folder this process trains into, with the open lock file that holds it
+_held: dict[Path, Any] = {}
+
+
+class RunFolderBusy(ConfigError):
+    """Another process is training into the run folder."""
+
+
+def hold(folder: str | os.PathLike[str], resuming: bool = False) -> None:
+    """Take ``folder`` for this process: an exclusive ``flock`` on ``folder/.lock`` (with this pid written in it),
+    held until the process ends or it takes another folder. The kernel drops the lock when the process dies, so a
+    killed run leaves nothing stale. A folder another process holds is refused in one line naming that process.
+    DDP ranks > 0 take nothing: rank 0 holds the folder for the whole run."""
+    if process_rank() > 0:
+        return
+    folder = Path(folder).resolve()
+    if folder in _held:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = open(folder / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 -- kept open: the lock lives with it
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        fh.seek(0)
+        pid = fh.read().strip() or "unknown"
+        fh.close()
+        fix = "wait for it to end or stop it, then resume" if resuming else "choose another hydra.run.dir"
+        raise RunFolderBusy(f"run folder {folder} is in use: process {pid} is training into it; {fix}") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    let_go()  # one folder at a time: a process that trains again (a test, a sweep's next job) gives the last one back
+    _held[folder] = fh
+
+
+def holds(folder: str | os.PathLike[str]) -> bool:
+    """Whether this process holds ``folder`` (:func:`hold`)."""
+    return Path(folder).resolve() in _held
+
+
+def let_go() -> None:
+    """Give back the folder this process holds (closing the lock file drops the lock)."""
+    while _held:
+        _held.popitem()[1].close()
+
+
+def run_folder_of(ckpt_path: str | os.PathLike[str]) -> Path | None:
+    """The run folder a checkpoint belongs to (``RUN/checkpoints/x.ckpt`` beside ``RUN/config.yaml``), if any."""
+    ckpt_path = Path(ckpt_path)
+    run = ckpt_path.parent.parent
+    if ckpt_path.parent.name == "checkpoints" and all((run / f).is_file() for f in RUN_FILES):
+        return run
+    return None
+
+
+def absolute(path: Any) -> Path:
+    """``path`` from the working folder, made absolute (``..`` resolved, symbolic links kept)."""
+    return Path(os.path.abspath(Path(str(path)).expanduser()))
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while piece := fh.read(1 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def check_moved_corpus(data: Any, new_path: str, run_dir: Path) -> None:
+    """A new ``data.path`` for a run's own text (a resume, or its own validation text in eval.py) is the run's
+    corpus file moved: accepted when the file holds the very bytes the run trained on (the sha256 its config.yaml
+    recorded, ``data.sha256``), refused in one line otherwise."""
+    expected = data.get("sha256")
+    if not Path(new_path).expanduser().is_file():
+        raise ConfigError(f"data.path={new_path} is not a file; point it at the run's corpus file where it is now")
+    if expected is None:
+        raise ConfigError(
+            f"data.path={new_path}: the run in {run_dir} recorded no sha256 of its corpus, so a moved file cannot be "
+            f"checked; put its corpus back at {data.get('path')}"
+        )
+    if file_sha256(Path(new_path).expanduser()) != str(expected).lower():
+        raise ConfigError(
+            f"data.path={new_path} is not the text the run in {run_dir} trained on (its corpus was {data.get('path')}, "
+            f"sha256 {str(expected)[:12]}...); point data.path at that text"
+        )
+
+
+def resumed_folder(ckpt_path: Any, outputs_root: Any) -> Path | None:
+    """The run folder ``ckpt_path`` (a path or ``last``) continues, or None (a new run, or a loose checkpoint)."""
+    if not ckpt_path:
+        return None
+    if str(ckpt_path) == "last":
+        from charlstm.checkpoint import find_last
+        from charlstm.errors import CheckpointError
+
+        try:
+            path = find_last(outputs_root)
+        except CheckpointError:  # train() says it in one line
+            return None
+    else:
+        path = Path(str(ckpt_path)).expanduser()
+    return run_folder_of(path.resolve()) if path.is_file() else None
+
+
+def _run_dir(ckpt_path: Any, outputs_root: Any, base: str) -> str:
+    """A resume writes into the folder of the run it continues (its train.log, result.json and curves go on
+    there); any other run claims a new folder."""
+    folder = resumed_folder(ckpt_path, outputs_root)
+    return str(folder) if folder is not None else claimed("run", str(base))
+
+
+def _hydra_subdir(output_dir: str) -> str | None:
+    """Where Hydra saves this command's composed config: ``.hydra``, except in a folder that already holds a run
+    (a resume), whose own ``.hydra`` is kept as the run's first command made it."""
+    return None if all((Path(output_dir) / f).is_file() for f in RUN_FILES) else ".hydra"
+
+
 def _unique_dir(base: str, kind: str = "run") -> str:
     return claimed(kind, str(base))
 
@@ -252,11 +378,16 @@ def _job_dir(sweep_dir: str, num: Any, *, _root_: DictConfig) -> str:
 
 
 def register_resolvers() -> None:
-    """``${charlstm.unique_dir:BASE[,sweep]}`` and ``${charlstm.job_dir:SWEEP_DIR,NUM}`` for configs/hydra."""
+    """``${charlstm.unique_dir:BASE[,sweep]}``, ``${charlstm.job_dir:SWEEP_DIR,NUM}``,
+    ``${charlstm.run_dir:CKPT_PATH,OUTPUTS_ROOT,BASE}`` and ``${charlstm.hydra_subdir:OUTPUT_DIR}`` (configs/hydra)."""
     if not OmegaConf.has_resolver("charlstm.unique_dir"):
         OmegaConf.register_new_resolver("charlstm.unique_dir", _unique_dir)
     if not OmegaConf.has_resolver("charlstm.job_dir"):
         OmegaConf.register_new_resolver("charlstm.job_dir", _job_dir)
+    if not OmegaConf.has_resolver("charlstm.run_dir"):
+        OmegaConf.register_new_resolver("charlstm.run_dir", _run_dir)
+    if not OmegaConf.has_resolver("charlstm.hydra_subdir"):
+        OmegaConf.register_new_resolver("charlstm.hydra_subdir", _hydra_subdir)
 
 
 def _discard_all_but(used: str) -> None:

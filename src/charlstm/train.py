@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -23,7 +24,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from charlstm import checkpoint, cluster
-from charlstm.callbacks import ConfigHParams, check_prompt, sample_prompt
+from charlstm.callbacks import ConfigHParams, NewLearningRate, check_prompt, sample_prompt
 from charlstm.cli import command_line
 from charlstm.config import check_top_level, validate_train
 from charlstm.errors import (
@@ -36,13 +37,22 @@ from charlstm.errors import (
     exit_on_error,
     process_rank,
 )
+from charlstm.fileio import atomic_write_text
 from charlstm.hardware import check_fits, default_precision, resolve_precision
 from charlstm.jobranks import sweep_job_ranks
 from charlstm.logs import quiet_known_warnings, route_library_logs
 from charlstm.net import sequence_bytes
 from charlstm.progress import FinalValidation, ModelLine, ValidationLog
 from charlstm.reliability import AtomicCheckpointIO, LastCheckpoint, ensure_last_checkpoint
-from charlstm.rundir import override_key
+from charlstm.rundir import (
+    absolute,
+    check_moved_corpus,
+    file_sha256,
+    hold,
+    holds,
+    override_key,
+    run_folder_of,
+)
 from charlstm.search import search_needs_multirun
 from charlstm.vocab import char_list
 
@@ -77,7 +87,6 @@ def instantiate_named(group: DictConfig | None) -> list[Any]:
     return built
 
 
-RUN_FILES = ("config.yaml",)
 AXES = ("step", "epoch")  # logged by the model for TensorBoard's x-axes, not results
 
 
@@ -138,14 +147,6 @@ def resolve_resume(cfg: DictConfig) -> Path:
     return path
 
 
-def run_folder_of(ckpt_path: Path) -> Path | None:
-    """The run folder a checkpoint belongs to (``RUN/checkpoints/x.ckpt`` beside ``RUN/config.yaml``), if any."""
-    run = ckpt_path.parent.parent
-    if ckpt_path.parent.name == "checkpoints" and all((run / f).is_file() for f in RUN_FILES):
-        return run
-    return None
-
-
 def check_resume_has_work(cfg: DictConfig, ckpt_path: Path, ckpt: dict[str, Any]) -> None:
     done, max_epochs = epochs_done(ckpt), cfg.trainer.get("max_epochs")
     if max_epochs is not None and max_epochs != -1 and done >= max_epochs:
@@ -176,7 +177,9 @@ def instantiate_loggers(group: DictConfig | None, purge_step: int | None) -> lis
 
 
 def save_run_config(cfg: DictConfig, out: Path, resumed: Path | None, step: int) -> None:
-    """config.yaml for a new run; config-resume-N.yaml beside it for each resume (the first is never lost)."""
+    """config.yaml for a new run; config-resume-N.yaml beside it for each resume (the first is never lost). Written
+    atomically. A corpus file is recorded by its absolute path and its sha256 (``data.sha256``), so the run can be
+    resumed or scored from any working folder, and from a new ``data.path`` once the file has moved."""
     out.mkdir(parents=True, exist_ok=True)
     name = "config.yaml"
     if resumed is not None and (out / name).exists():
@@ -184,22 +187,23 @@ def save_run_config(cfg: DictConfig, out: Path, resumed: Path | None, step: int)
         while (out / f"config-resume-{n}.yaml").exists():
             n += 1
         name = f"config-resume-{n}.yaml"
-    OmegaConf.save(cfg, out / name, resolve=True)
-    if resumed is None:
-        return
-    log.info("resuming %s at step %d in %s", resumed, step, out)
-    try:
-        from hydra.core.hydra_config import HydraConfig
+    saved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    corpus = local_corpus(saved.data)
+    if corpus is not None:
+        saved.data.path = str(corpus)
+        if saved.data.get("sha256") is None:
+            saved.data.sha256 = file_sha256(corpus)
+    atomic_write_text(out / name, OmegaConf.to_yaml(saved))
+    if resumed is not None:
+        log.info("resuming %s at step %d in %s", resumed, step, out)
 
-        hydra_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
-    except ValueError:
-        hydra_dir = None
-    if hydra_dir is not None and hydra_dir.resolve() != out.resolve():
-        # Hydra made a fresh folder for this command; point from it to where the run goes on.
-        hydra_dir.mkdir(parents=True, exist_ok=True)
-        (hydra_dir / "resumed.txt").write_text(
-            f"this command resumed {resumed} (step {step}); its checkpoints and TensorBoard events are in {out}\n"
-        )
+
+def local_corpus(data: DictConfig) -> Path | None:
+    """The absolute path of the run's corpus when it is a local file (``data=file``, not a URL), else None."""
+    path = data.get("path")
+    if data.get("source") != "file" or not path or re.match(r"^https?://", str(path)):
+        return None
+    return absolute(path)
 
 
 def reached(err: CharLSTMError, objects: dict[str, Any]) -> CharLSTMError:
@@ -222,8 +226,9 @@ def interrupted_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpo
     )
 
 
-# What a resumed run may change on the command line: limits, hardware, logging and reporting. Anything else
-# under data.* or model.* (or another recipe) would continue the run on other text or another network.
+# What a resumed run may change on the command line: limits, hardware, logging and reporting, and the learning rate
+# (a diverged run goes on with a smaller one). Any other setting under data.* or model.* (or another recipe) would
+# continue the run on other text or another network: set to the run's own value it is accepted, else refused.
 RESUME_SAFE = (
     "trainer.max_steps", "trainer.max_time", "trainer.max_epochs", "trainer.min_epochs", "trainer.log_every_n_steps",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.val_check_interval",
@@ -231,10 +236,12 @@ RESUME_SAFE = (
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.precision",
     "trainer.gradient_clip_val", "trainer.profiler", "trainer.deterministic",
     "callbacks", "logger", "sample", "paths", "ckpt_path", "seed", "optimized_metric", "task_name",
-    "data.num_workers", "data.val_batch_size",
+    "data.num_workers", "data.val_batch_size", "model.lr",
 )  # fmt: skip
 # trainer=NAME on a resume changes the hardware only
 TRAINER_HARDWARE = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+# Config groups whose choice is the run's recipe, compared with the run's own choice on a resume
+RESUME_GROUPS = ("data", "model", "experiment")
 
 
 def hydra_overrides() -> list[str] | None:
@@ -246,30 +253,119 @@ def hydra_overrides() -> list[str] | None:
     return list(HydraConfig.get().overrides.task)
 
 
+def is_safe(key: str) -> bool:
+    return any(key == safe or key.startswith(safe + ".") for safe in RESUME_SAFE)
+
+
+def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"data.seq_len": 50, ...}``: every value of a plain nested dict, by its dotted key."""
+    if not isinstance(node, dict) or not node:
+        return {prefix.rstrip("."): node} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(leaves(value, f"{prefix}{key}."))
+    return flat
+
+
+def plain(cfg: DictConfig) -> dict[str, Any]:
+    """The config's values, resolved, except ``paths`` (a resume keeps the run's own folders)."""
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    container.pop("paths", None)
+    return container
+
+
+def run_choices(run_dir: Path) -> dict[str, str]:
+    """The config groups the run's own command chose (RUN/.hydra/hydra.yaml); empty when it has none."""
+    try:
+        choices = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices
+        return {str(k): str(v) for k, v in choices.items() if v is not None}
+    except Exception:  # no .hydra (a run trained from Python), or an unreadable one: nothing to compare
+        return {}
+
+
+def same_value(key: str, old: Any, new: Any) -> bool:
+    if key == "data.path" and old and new:
+        return absolute(old) == absolute(new)
+    return old == new
+
+
 def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> DictConfig:
     """The resumed run's own saved config, with the command line's safe overrides on top.
 
     A resume continues the run as it was configured (its data, recipe and model), so ``python train.py
-    ckpt_path=RUN/checkpoints/last.ckpt`` needs nothing else; an override that would change the data or the
-    model is refused in one line.
+    ckpt_path=RUN/checkpoints/last.ckpt`` needs nothing else. The command line may repeat the run's own settings
+    (its whole first command with ``ckpt_path`` added): a setting equal to the run's value is accepted; one that
+    would change its data, recipe or model is refused in one line naming the key with the run's value and the new
+    one. ``data.path`` may name the run's corpus where it is now (same bytes); ``model.lr`` may change. A config
+    group chosen on the command line (``data=shakespeare``, ``experiment=seed``) is compared with the run's own
+    choice (RUN/.hydra/hydra.yaml).
     """
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
     saved = OmegaConf.load(run_dir / "config.yaml")
+    where = run_dir / "config.yaml"
+
+    def refuse(override: str, what: str) -> ConfigError:
+        return ConfigError(
+            f"{override} would change {what} ({where}); resume without it (the run keeps its own settings), or start "
+            "a new run without ckpt_path"
+        )
+
+    old_choices = run_choices(run_dir)
+    hydra_cfg = HydraConfig.get()
+    choices = {str(k): str(v) for k, v in hydra_cfg.runtime.choices.items() if v is not None}
+    mine = plain(cfg)
+    now, old = leaves(mine), leaves(OmegaConf.to_container(saved, resolve=True))
+    asked: dict[str, str] = {}  # setting -> the override that asks for it: every key an override names
+    groups = [o for o in overrides if override_key(o) in choices or override_key(o) in RESUME_GROUPS]
+    for override in reversed(overrides):  # the last override of a key is the one that counts
+        if override not in groups:
+            key = override_key(override)
+            for name in now.keys() | old.keys():
+                if name == key or name.startswith(key + "."):
+                    asked.setdefault(name, override)
+    before: dict[str, Any] | None = None
+    for override in [o for i, o in enumerate(groups) if override_key(o) not in map(override_key, groups[i + 1 :])]:
+        group = override_key(override)  # the last choice of each group
+        if group == "trainer":  # the hardware only, below
+            continue
+        if is_safe(group):  # logger=csv, callbacks=none
+            OmegaConf.update(saved, group, OmegaConf.select(cfg, group), merge=False, force_add=True)
+            continue
+        if group in RESUME_GROUPS and old_choices:  # the run's own choice is known: the choice is what counts
+            if choices.get(group) != old_choices.get(group):
+                raise refuse(override, f"the {group} of the run being resumed from {old_choices.get(group)} to "
+                                       f"{choices.get(group)}")  # fmt: skip
+            continue
+        # any other group (debug=fast), or the run's choice unknown: the settings the choice gives another value than
+        # the plain config has (a group of the global package, e.g. a recipe, may set any of them)
+        if before is None:
+            before = leaves(plain(compose(config_name=hydra_cfg.job.config_name, overrides=[])))
+        for name in now.keys() | before.keys():
+            if now.get(name) != before.get(name) and (group not in mine or name.startswith(group + ".")):
+                asked.setdefault(name, override)
     for override in overrides:
-        key = override_key(override)
-        if key == "trainer":
+        if override_key(override) == "trainer":
             for name in TRAINER_HARDWARE:
                 if name in cfg.trainer:
                     OmegaConf.update(saved, f"trainer.{name}", cfg.trainer[name], force_add=True)
+    for name, override in sorted(asked.items()):
+        if override_key(override) == "trainer" or name.startswith("paths."):
             continue
-        if not any(key == safe or key.startswith(safe + ".") for safe in RESUME_SAFE):
-            what = "model" if key.split(".")[0] == "model" else "data or recipe"
-            raise ConfigError(
-                f"{override} would change the {what} of the run being resumed ({run_dir / 'config.yaml'}); "
-                "resume without it (the run keeps its own settings), or start a new run without ckpt_path"
-            )
-        if override.startswith("~"):
+        if is_safe(name):
+            if not override.startswith("~"):
+                OmegaConf.update(saved, name, OmegaConf.select(cfg, name), merge=False, force_add=True)
             continue
-        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
+        new = now.get(name)
+        if same_value(name, old.get(name), new):
+            continue
+        if name == "data.path" and new:
+            check_moved_corpus(saved.data, str(new), run_dir)
+            OmegaConf.update(saved, name, str(absolute(new)), merge=False)
+            continue
+        shown = override if "=" in override and override_key(override) == name else f"{override} (it sets {name})"
+        raise refuse(shown, f"{name} of the run being resumed from {old.get(name)} to {new}")
     with open_dict(saved):
         saved.paths.output_dir = str(run_dir)
         saved.paths.outputs_root = cfg.paths.outputs_root
@@ -359,8 +455,9 @@ def diverged_error(exc: DivergenceError, last: LastCheckpoint, lr: float) -> Div
     )
 
 
-def describe(cfg: DictConfig, out: Path) -> str:
-    """One line saying what this run trains, on what, for how long, and where its files go."""
+def describe(cfg: DictConfig, out: Path, recipe: str | None = None) -> str:
+    """One line saying what this run trains, on what, for how long, and where its files go; ``recipe`` is the
+    resumed run's own (its first command chose it), else this command's."""
     from hydra.core.hydra_config import HydraConfig
 
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
@@ -369,7 +466,7 @@ def describe(cfg: DictConfig, out: Path) -> str:
     limits = ", ".join(
         f"{k} {t.get(k)}" for k in ("max_steps", "max_epochs", "max_time") if t.get(k) not in (None, -1)
     )  # fmt: skip
-    recipe = choices.get("experiment") or "none"
+    recipe = recipe or choices.get("experiment") or "none"
     return (
         f"training: recipe {recipe}, {corpus} ({d.layout}, seq_len {d.seq_len}, batch {d.batch_size}), "
         f"{m.layers} x {m.units} LSTM ({m.encoding}), {t.accelerator} {t.precision}, {limits or 'no limit'}; "
@@ -412,10 +509,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     overrides = hydra_overrides()
     if overrides is not None:  # composed by Hydra from the config files (a caller's config may add its own keys)
         check_top_level(cfg, overrides)
+    recipe = None
     if cfg.get("ckpt_path") and overrides is not None:
         run_dir = run_folder_of(resolve_resume(cfg))
         if run_dir is not None:
             cfg = resumed_config(cfg, run_dir, overrides)
+            recipe = run_choices(run_dir).get("experiment") or "none"
     requeued = cluster.requeued_checkpoint(Path(cfg.paths.output_dir))
     if requeued is not None:  # a requeued cluster job: the same job again, going on from where it stopped
         with open_dict(cfg):
@@ -433,6 +532,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             # Continue in the checkpoint's run folder: checkpoints and TensorBoard curves carry on in place.
             with open_dict(cfg):
                 cfg.paths.output_dir = str(run_dir)
+    # one process trains in a run folder: a second (a resume of a running run, a run given the same hydra.run.dir)
+    # is refused here, before it reads its data or writes anything
+    hold(cfg.paths.output_dir, resuming=ckpt_path is not None)
+    out = Path(cfg.paths.output_dir)
+    new_run_here = ckpt_path is None and overrides is not None and sweep_job() is None and not cluster.requeue_count()
+    new_run_here = new_run_here and process_rank() == 0  # DDP ranks > 0 start once rank 0 has written config.yaml
+    if new_run_here and (out / "config.yaml").is_file():  # an explicit hydra.run.dir of an earlier run: files would mix
+        raise ConfigError(
+            f"run folder {out} already holds a run; resume it with ckpt_path={out / 'checkpoints' / 'last.ckpt'}, "
+            "or choose another hydra.run.dir"
+        )
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -457,6 +567,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if not show_bar:
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     callbacks += [FinalValidation(), ValidationLog()]
+    old_lr = ckpt["hyper_parameters"].get("lr") if ckpt is not None else None
+    if old_lr is not None and float(old_lr) != float(cfg.model.lr):  # e.g. a diverged run goes on with a smaller one
+        log.info("resuming with model.lr=%g (the run had %g): the optimizer's learning rate is scaled by %g",
+                 cfg.model.lr, old_lr, cfg.model.lr / old_lr)  # fmt: skip
+        callbacks.append(NewLearningRate(float(old_lr), float(cfg.model.lr)))
     for cb in callbacks:
         if isinstance(cb, ConfigHParams):
             cb.config = cfg  # the whole run config goes into TensorBoard's HParams tab
@@ -477,7 +592,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer = build_trainer(cfg, callbacks, loggers, enable_progress_bar=show_bar, enable_model_summary=False)
 
     if trainer.is_global_zero:
-        log.info(describe(cfg, out))
+        log.info(describe(cfg, out, recipe))
         save_run_config(cfg, out, ckpt_path, step)
     del ckpt
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer,
@@ -667,6 +782,7 @@ def run(cfg: DictConfig) -> float | None:
     quiet_known_warnings()
     started = time.monotonic()
     folder, job = hydra_run_dir(), sweep_job()
+    resuming = folder is not None and (folder / "config.yaml").is_file()  # a resume runs in the run's own folder
     try:
         try:
             search_needs_multirun(cfg)
@@ -681,12 +797,19 @@ def run(cfg: DictConfig) -> float | None:
             raise
         if job is None:
             remove_if_empty(folder, Path(cfg.paths.outputs_root))
-            if folder.is_dir():
-                from charlstm.summary import FAILED, INTERRUPTED, write_result
+            # a resume refused before it trained (another process holds the run, a changed setting) leaves the run's
+            # result.json as it was; one that stopped while training keeps the run's history in it
+            refused = isinstance(exc, ConfigError | CheckpointError) or not holds(folder)
+            if folder.is_dir() and not (resuming and refused):
+                from charlstm.summary import FAILED, INTERRUPTED, read_result, write_result
 
                 state = INTERRUPTED if isinstance(exc, TrainingInterrupted) else FAILED
-                objects = getattr(exc, "objects", None)
-                write_result(folder, run_result(cfg, state, time.monotonic() - started, objects, error=exc))
+                objects = getattr(exc, "objects", None)  # what the run reached, when it stopped while training
+                result = run_result(cfg, state, time.monotonic() - started, objects, error=exc)
+                earlier = read_result(folder) if resuming and objects is None else None
+                if earlier:
+                    result = {**earlier, **{k: result[k] for k in ("state", "error", "error_type")}}
+                write_result(folder, result)
             raise
         record_failure(cfg, exc, folder, time.monotonic() - started)
         if isinstance(exc, Exception) and not isinstance(exc, TrainingInterrupted):
