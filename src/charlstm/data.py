@@ -16,7 +16,7 @@ from charlstm.errors import ConfigError, CorpusError
 from charlstm.net import ENCODINGS, encode_inputs
 from charlstm.prepared import check_covers, corpus_ids, recode
 from charlstm.vocab import CharVocab
-from charlstm.windows import Batch, ShuffledWindows, StreamDataset, WindowDataset, _as_batch
+from charlstm.windows import Batch, ResumableLoader, ShuffledWindows, StreamDataset, WindowDataset, _as_batch
 
 LAYOUTS = ("windows", "streams")
 
@@ -115,6 +115,50 @@ def split_test(train: torch.Tensor, total: int, test_fraction: float, seq_len: i
             "larger data.test_fraction"
         )
     return rest, test
+
+
+STREAMS_KEY = "charlstm_stream_state"  # where a checkpoint keeps the streams' carried hidden state, every rank's
+
+
+def stream_states(module: pl.LightningModule, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The carried (h, c) of every rank, stacked rank by rank (under DDP a collective call: every rank saves)."""
+    h, c = state
+    if module._trainer is not None and module.trainer.world_size > 1:
+        return module.all_gather(h).cpu(), module.all_gather(c).cpu()
+    return h[None].cpu(), c[None].cpu()
+
+
+def own_stream_state(module: pl.LightningModule, saved: tuple[torch.Tensor, ...] | None) -> tuple | None:
+    """This rank's carried (h, c) from a checkpoint's :func:`stream_states`; None (zeros) when the checkpoint
+    has none or was written by another number of processes (each rank's streams were other text)."""
+    rank, world = (module.trainer.global_rank, module.trainer.world_size) if module._trainer is not None else (0, 1)
+    if saved is None or len(saved[0]) != world:
+        return None
+    return saved[0][rank], saved[1][rank]
+
+
+def resume_inside_cut_epoch(checkpoint: dict) -> None:
+    """A checkpoint written after an epoch was cut short (``trainer.max_steps``, ``max_time``, a stop) resumes
+    inside that epoch.
+
+    Lightning counts such an epoch as done (its end hooks ran), so a resume would start the next epoch and never
+    train the rest of this one. Here the checkpoint records it as started, not finished, which is how Lightning
+    saves inside an epoch: the resume reads the epoch's remaining batches (the loader's position travels in the
+    checkpoint too). Lightning's loop progress layout is not a public API; tests/test_midepoch_resume.py fails if
+    it changes.
+    """
+    try:
+        fit = checkpoint["loops"]["fit_loop"]
+        epochs, batches = fit["epoch_progress"], fit["epoch_loop.batch_progress"]
+        if batches["is_last_batch"] or batches["current"]["ready"] == 0:
+            return  # the epoch ran to its end, or the next one has not read a batch yet
+        if epochs["current"]["processed"] != epochs["current"]["started"]:
+            return  # saved inside the epoch: already a resume inside it
+        for counts in (epochs["current"], epochs["total"]):
+            counts["processed"] = counts["completed"] = counts["started"] - 1
+    except KeyError:
+        return
+    checkpoint["epoch"] = epochs["current"]["completed"]
 
 
 class CharDataModule(pl.LightningDataModule):
@@ -227,20 +271,25 @@ class CharDataModule(pl.LightningDataModule):
         stride = 1 if not self.val_max_windows else max(1, math.ceil(n / self.val_max_windows))
         return WindowDataset(self.val_ids, self.val_context, stride, "last")
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
+        """Resumable: a run resumed inside an epoch reads the rest of it, as an uninterrupted run would."""
+        rng = torch.get_rng_state()  # before this loader's draws, which a resumed epoch undoes
         ds = self.train_dataset()
         if isinstance(ds, StreamDataset):
             # Order is the point of streams: one process, batches already formed.
-            return DataLoader(ds, batch_size=None, num_workers=0)
-        rank, world = self._rank()
-        seed = None
-        if world > 1:  # one shuffle for all ranks: rank 0's seed (an unseeded run's ranks draw different ones)
-            seed = self.trainer.strategy.broadcast(int(torch.randint(1 << 62, ()).item()), src=0)
-        sampler = ShuffledWindows(len(ds), rank, world, seed)
-        # Workers start again each epoch (not persistent): a new iterator draws from torch's RNG as the main process's
-        # does, so the epoch's shuffle, and the run, are the same with or without workers (tested).
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=_as_batch)  # fmt: skip
+            loader = ResumableLoader(ds, batch_size=None, num_workers=0)
+        else:
+            rank, world = self._rank()
+            seed = None
+            if world > 1:  # one shuffle for all ranks: rank 0's seed (an unseeded run's ranks draw different ones)
+                seed = self.trainer.strategy.broadcast(int(torch.randint(1 << 62, ()).item()), src=0)
+            sampler = ShuffledWindows(len(ds), rank, world, seed)
+            # Workers start again each epoch (not persistent): a new iterator draws from torch's RNG as the main
+            # process's does, so the epoch's shuffle, and the run, are the same with or without workers (tested).
+            loader = ResumableLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                                     collate_fn=_as_batch)  # fmt: skip
+        loader.rng_state = rng
+        return loader
 
     def test_dataset(self) -> WindowDataset:
         """Every test char predicted from the ``val_context`` chars before it (no subsample: scored once)."""
@@ -262,7 +311,10 @@ class CharDataModule(pl.LightningDataModule):
         sampler = None
         if 1 < world <= len(ds):
             sampler = UnrepeatedDistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, sampler=sampler, collate_fn=_as_batch)
+        # Its own generator: every pass of a DataLoader draws a seed, and scoring must not move the training's random
+        # draws (a run stopped by trainer.max_steps validates once more than one that went on, then resumes exactly)
+        return DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, sampler=sampler, collate_fn=_as_batch,
+                          generator=torch.Generator())  # fmt: skip
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         x, y = batch

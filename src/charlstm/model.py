@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from charlstm.data import LAYOUTS
+from charlstm.data import LAYOUTS, STREAMS_KEY, own_stream_state, resume_inside_cut_epoch, stream_states
 from charlstm.errors import ConfigError, DivergenceError
 from charlstm.net import CharLSTM, State
 
@@ -248,11 +248,20 @@ class CharLSTMModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.clock is not None:
             checkpoint[CLOCK_KEY] = self.clock.state_dict()
+        if self._train_state is not None:  # streams: a resume inside the epoch carries on every rank's state
+            checkpoint[STREAMS_KEY] = stream_states(self, self._train_state)
+        resume_inside_cut_epoch(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if CLOCK_KEY in checkpoint:
             self.clock = TrainClock(0.0)
             self.clock.load_state_dict(checkpoint[CLOCK_KEY])
+        # Used only when the run resumes inside an epoch: a new epoch starts from zeros (on_train_epoch_start)
+        self._train_state = own_stream_state(self, checkpoint.get(STREAMS_KEY))
+
+    def on_train_start(self) -> None:
+        if self._train_state is not None:  # restored before the model moved to its device
+            self._train_state = (self._train_state[0].to(self.device), self._train_state[1].to(self.device))
 
     def on_train_end(self) -> None:
         if self.clock is not None:
