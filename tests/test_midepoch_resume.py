@@ -18,6 +18,7 @@ from torch.utils.data import SequentialSampler
 
 from charlstm import checkpoint
 from charlstm.data import STREAMS_KEY, CharDataModule, own_stream_state
+from charlstm.errors import TrainingInterrupted
 from charlstm.train import train
 from charlstm.windows import ResumableLoader, ShuffledWindows, StreamDataset, WindowDataset, _as_batch
 from tests import forkserver
@@ -159,14 +160,16 @@ def test_a_resumed_windows_loader_reads_the_rest_of_the_epoch_then_the_same_next
     state = stopped.state_dict()
     assert state["batches"] == 3
 
-    # a new process: another shuffle seed (DDP: rank 0 broadcasts a new one), the RNG where the checkpoint left it
-    resumed = windows_loader(rank=rank, world=world, seed=None if seed is None else seed + 1000)
+    resumed = windows_loader(rank=rank, world=world, seed=seed)  # a new process (DDP: the seed from the checkpoint)
+    torch.manual_seed(1)  # whatever the generator holds: the epoch's own shuffle seed is in the state
     resumed.load_state_dict(state)
     assert batches(resumed) == epoch0[3:]
     assert resumed.state_dict()["batches"] == len(epoch0)
-    if seed is not None:  # the run's own shuffle seed goes on for the next epochs
-        resumed.sampler.set_epoch(1)
+    resumed.sampler.set_epoch(1)
+    if seed is not None:
         assert batches(resumed) == epoch1
+    else:  # the next epoch draws a new shuffle, as any epoch does
+        assert len(batches(resumed)) == len(epoch1)
 
 
 def test_a_resumed_pass_leaves_torchs_generator_where_the_checkpoint_left_it():
@@ -175,11 +178,9 @@ def test_a_resumed_pass_leaves_torchs_generator_where_the_checkpoint_left_it():
     batches(stopped, 2)
     state = stopped.state_dict()
 
-    restored = torch.get_rng_state()  # as the resumed run finds it, before its loader is made
     resumed = windows_loader()
-    resumed.rng_state = restored
-    torch.rand(3)  # what making the loader may draw (DDP: the shuffle seed rank 0 broadcasts)
     resumed.load_state_dict(state)
+    restored = torch.get_rng_state()  # as the checkpoint left it
     iterator = iter(resumed)  # a pass draws its base seed
     next(iterator)
     assert torch.equal(torch.get_rng_state(), restored)
@@ -252,3 +253,17 @@ def test_ddp_cpu_resumed_inside_an_epoch_ends_with_the_weights_of_an_uninterrupt
     for name, value in a["state_dict"].items():
         if name != "best_val_loss":
             assert torch.equal(value, b["state_dict"][name]), name
+
+
+@pytest.mark.parametrize("limit", [None, 9], ids=["whole-epoch", "limit_train_batches"])
+def test_ctrl_c_on_an_epochs_last_batch_resumes_with_the_next_epoch_whole(make_cfg, tmp_path, limit):
+    recipe = (*LAYOUTS["windows"], *([f"trainer.limit_train_batches={limit}"] if limit else []))
+    a, a_steps, _ = run(make_cfg, tmp_path / "a", *recipe)
+    n = a["trainer"].num_training_batches
+    signal = {"_target_": "tests.test_interrupt.SendSignal", "step": n, "signum": 2}
+    with pytest.raises(TrainingInterrupted):
+        run(make_cfg, tmp_path / "b", *recipe, signal=signal)
+    assert checkpoint.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt")["global_step"] == n
+    b, b_steps, _ = run(make_cfg, tmp_path / "b", *recipe, "ckpt_path=last")
+    assert b_steps == a_steps[n:] and len(b_steps) == n
+    assert_same_weights(a, b)

@@ -137,21 +137,27 @@ def own_stream_state(module: pl.LightningModule, saved: tuple[torch.Tensor, ...]
     return saved[0][rank], saved[1][rank]
 
 
-def resume_inside_cut_epoch(checkpoint: dict) -> None:
-    """A checkpoint written after an epoch was cut short (``trainer.max_steps``, ``max_time``, a stop) resumes
-    inside that epoch.
+def fix_resume_point(checkpoint: dict) -> None:
+    """Where a run resumes from this checkpoint: inside an epoch that was cut short, and at the start of the next
+    epoch after an epoch's last batch.
 
-    Lightning counts such an epoch as done (its end hooks ran), so a resume would start the next epoch and never
-    train the rest of this one. Here the checkpoint records it as started, not finished, which is how Lightning
-    saves inside an epoch: the resume reads the epoch's remaining batches (the loader's position travels in the
-    checkpoint too). Lightning's loop progress layout is not a public API; tests/test_midepoch_resume.py fails if
-    it changes.
+    Lightning counts an epoch that ``trainer.max_steps``, ``max_time`` or a stop cut short as done (its end hooks
+    ran), so a resume would start the next epoch and never train the rest of this one: the checkpoint records it
+    as started, not finished, which is how Lightning saves inside an epoch, and the resume reads the epoch's
+    remaining batches (the loader's position travels in the checkpoint too). After an epoch's last batch (a stop
+    there, or ``limit_train_batches``) the loader's state is that of a new pass. Lightning's loop progress layout
+    is not a public API; tests/test_midepoch_resume.py fails if it changes.
     """
     try:
         fit = checkpoint["loops"]["fit_loop"]
         epochs, batches = fit["epoch_progress"], fit["epoch_loop.batch_progress"]
-        if batches["is_last_batch"] or batches["current"]["ready"] == 0:
-            return  # the epoch ran to its end, or the next one has not read a batch yet
+        loaders = fit["state_dict"].get("combined_loader", [])
+        if batches["is_last_batch"]:  # every batch of the epoch read: the next pass is the next epoch's, whole
+            for state in loaders:
+                state.update(batches=0, epoch_seed=None)
+            return
+        if batches["current"]["ready"] == 0:
+            return  # the next epoch has not read a batch yet
         if epochs["current"]["processed"] != epochs["current"]["started"]:
             return  # saved inside the epoch: already a resume inside it
         for counts in (epochs["current"], epochs["total"]):
@@ -209,6 +215,7 @@ class CharDataModule(pl.LightningDataModule):
         self.train_ids: torch.Tensor | None = None
         self.val_ids: torch.Tensor | None = None
         self.test_ids: torch.Tensor | None = None  # only with data.test_fraction > 0
+        self.shuffle_seed: int | None = None  # the windows' shuffle seed under DDP, drawn once per run
 
     def load(self) -> CharVocab:
         """Map the prepared corpus, fix the vocabulary and cut the id tensors (training, validation, test when
@@ -273,23 +280,29 @@ class CharDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> ResumableLoader:
         """Resumable: a run resumed inside an epoch reads the rest of it, as an uninterrupted run would."""
-        rng = torch.get_rng_state()  # before this loader's draws, which a resumed epoch undoes
         ds = self.train_dataset()
         if isinstance(ds, StreamDataset):
             # Order is the point of streams: one process, batches already formed.
             loader = ResumableLoader(ds, batch_size=None, num_workers=0)
         else:
             rank, world = self._rank()
-            seed = None
-            if world > 1:  # one shuffle for all ranks: rank 0's seed (an unseeded run's ranks draw different ones)
-                seed = self.trainer.strategy.broadcast(int(torch.randint(1 << 62, ()).item()), src=0)
-            sampler = ShuffledWindows(len(ds), rank, world, seed)
+            if world > 1 and self.shuffle_seed is None:
+                # one shuffle for all ranks: rank 0's seed (an unseeded run's ranks draw different ones); a resumed
+                # run has it from its checkpoint, so it shuffles the next epochs as it would have
+                self.shuffle_seed = self.trainer.strategy.broadcast(int(torch.randint(1 << 62, ()).item()), src=0)
+            sampler = ShuffledWindows(len(ds), rank, world, self.shuffle_seed if world > 1 else None)
             # Workers start again each epoch (not persistent): a new iterator draws from torch's RNG as the main
             # process's does, so the epoch's shuffle, and the run, are the same with or without workers (tested).
             loader = ResumableLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                                      collate_fn=_as_batch)  # fmt: skip
-        loader.rng_state = rng
         return loader
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the data: the DDP shuffle's seed (nothing for one process)."""
+        return {} if self.shuffle_seed is None else {"shuffle_seed": self.shuffle_seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shuffle_seed = state.get("shuffle_seed")
 
     def test_dataset(self) -> WindowDataset:
         """Every test char predicted from the ``val_context`` chars before it (no subsample: scored once)."""

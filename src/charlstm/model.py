@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from charlstm.data import LAYOUTS, STREAMS_KEY, own_stream_state, resume_inside_cut_epoch, stream_states
+from charlstm.data import LAYOUTS, STREAMS_KEY, fix_resume_point, own_stream_state, stream_states
 from charlstm.errors import ConfigError, DivergenceError
 from charlstm.net import CharLSTM, State
 
@@ -250,7 +250,7 @@ class CharLSTMModule(pl.LightningModule):
             checkpoint[CLOCK_KEY] = self.clock.state_dict()
         if self._train_state is not None:  # streams: a resume inside the epoch carries on every rank's state
             checkpoint[STREAMS_KEY] = stream_states(self, self._train_state)
-        resume_inside_cut_epoch(checkpoint)
+        fix_resume_point(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if CLOCK_KEY in checkpoint:

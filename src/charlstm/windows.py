@@ -158,16 +158,13 @@ class ResumableLoader(DataLoader):
     """A training DataLoader that knows where it is in the epoch, so a run resumed inside an epoch reads just the
     rest of it, in the order the uninterrupted run read it.
 
-    Lightning saves ``state_dict()`` (this epoch's batches read, and the shuffle's seeds) in every checkpoint and,
-    on a resume inside an epoch, gives it back to ``load_state_dict`` before the loader is iterated: the next
-    pass then starts at that batch (``ShuffledWindows.resume``, ``StreamDataset.start``; another sampler, e.g. the
-    sequential one Lightning puts in for ``overfit_batches``, by skipping batches). Creating the pass draws from
-    torch's random generator (a DataLoader iterator's base seed; ``rng_state``: the state before the training
-    loader was made): a resumed pass leaves the generator as the checkpoint restored it, so dropout goes on with
-    the uninterrupted run's draws.
+    Lightning saves ``state_dict()`` (the batches of this pass handed out, and the shuffle's seed) in every
+    checkpoint and, on a resume inside an epoch, gives it back to ``load_state_dict`` before the loader is iterated:
+    the next pass then starts at that batch (``ShuffledWindows.resume``, ``StreamDataset.start``; another sampler,
+    e.g. the sequential one Lightning puts in for ``overfit_batches``, by skipping batches). A pass draws its base
+    seed from torch's random generator as it starts; a resumed pass gives the draw back, so dropout goes on with the
+    draws of the run that never stopped (the checkpoint restored the generator as it was after the last step).
     """
-
-    rng_state: torch.Tensor | None = None  # torch's RNG state before the loader was made (set by its maker)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -176,32 +173,28 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict:
         sampler = self.sampler if isinstance(self.sampler, ShuffledWindows) else None
-        return {"batches": self._read, "epoch_seed": sampler and sampler.epoch_seed, "seed": sampler and sampler.seed}
+        return {"batches": self._read, "epoch_seed": sampler and sampler.epoch_seed}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = dict(state)
-        if self.rng_state is not None:
-            torch.set_rng_state(self.rng_state)  # undo the draws made since (the loader's own making)
 
     def __iter__(self):
         resume, self._resume = self._resume, None
-        skip = 0
-        if resume is not None:
-            done = int(resume["batches"])
-            if isinstance(self.sampler, ShuffledWindows) and resume.get("epoch_seed") is not None:
-                self.sampler.seed = resume.get("seed")  # DDP: the run's shuffle seed, for the epochs after this one
-                self.sampler.resume(int(resume["epoch_seed"]), done * self.batch_size)
-            elif isinstance(self.dataset, StreamDataset):
-                self.dataset.start = done
-            else:
-                skip = done
-            rng = torch.get_rng_state()
-            iterator = super().__iter__()
-            torch.set_rng_state(rng)
-            self._read = done
-        else:
-            iterator = super().__iter__()
+        done = int(resume["batches"]) if resume else 0
+        if not done:
             self._read = 0
+            return self._count(super().__iter__(), 0)
+        skip = 0
+        if isinstance(self.sampler, ShuffledWindows) and resume.get("epoch_seed") is not None:
+            self.sampler.resume(int(resume["epoch_seed"]), done * self.batch_size)
+        elif isinstance(self.dataset, StreamDataset):
+            self.dataset.start = done
+        else:
+            skip = done
+        rng = torch.get_rng_state()
+        iterator = super().__iter__()
+        torch.set_rng_state(rng)
+        self._read = done
         return self._count(iterator, skip)
 
     def _count(self, iterator, skip: int):
