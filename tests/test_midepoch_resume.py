@@ -255,9 +255,11 @@ def test_ddp_cpu_resumed_inside_an_epoch_ends_with_the_weights_of_an_uninterrupt
             assert torch.equal(value, b["state_dict"][name]), name
 
 
-@pytest.mark.parametrize("limit", [None, 9], ids=["whole-epoch", "limit_train_batches"])
-def test_ctrl_c_on_an_epochs_last_batch_resumes_with_the_next_epoch_whole(make_cfg, tmp_path, limit):
-    recipe = (*LAYOUTS["windows"], *([f"trainer.limit_train_batches={limit}"] if limit else []))
+@pytest.mark.parametrize(
+    ("layout", "limit"), [("windows", None), ("windows", 9), ("streams", None)], ids=["windows", "limit", "streams"]
+)
+def test_ctrl_c_on_an_epochs_last_batch_resumes_with_the_next_epoch_whole(make_cfg, tmp_path, layout, limit):
+    recipe = (*LAYOUTS[layout], *([f"trainer.limit_train_batches={limit}"] if limit else []))
     a, a_steps, _ = run(make_cfg, tmp_path / "a", *recipe)
     n = a["trainer"].num_training_batches
     signal = {"_target_": "tests.test_interrupt.SendSignal", "step": n, "signum": 2}

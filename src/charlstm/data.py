@@ -145,8 +145,8 @@ def fix_resume_point(checkpoint: dict) -> None:
     ran), so a resume would start the next epoch and never train the rest of this one: the checkpoint records it
     as started, not finished, which is how Lightning saves inside an epoch, and the resume reads the epoch's
     remaining batches (the loader's position travels in the checkpoint too). After an epoch's last batch (a stop
-    there, or ``limit_train_batches``) the loader's state is that of a new pass. Lightning's loop progress layout
-    is not a public API; tests/test_midepoch_resume.py fails if it changes.
+    there, or ``limit_train_batches``) the loader's state is that of a new pass, with no carried streams state.
+    Lightning's loop progress layout is not a public API; tests/test_midepoch_resume.py fails if it changes.
     """
     try:
         fit = checkpoint["loops"]["fit_loop"]
@@ -155,7 +155,8 @@ def fix_resume_point(checkpoint: dict) -> None:
         if batches["is_last_batch"]:  # every batch of the epoch read: the next pass is the next epoch's, whole
             for state in loaders:
                 state.update(batches=0, epoch_seed=None)
-            return
+            checkpoint.pop(STREAMS_KEY, None)  # and its streams start from zeros (Lightning may skip the epoch's
+            return  # start hooks when it resumes there)
         if batches["current"]["ready"] == 0:
             return  # the next epoch has not read a batch yet
         if epochs["current"]["processed"] != epochs["current"]["started"]:
