@@ -138,6 +138,7 @@ def test_under_ddp_each_rank_trains_on_its_share_of_rank_zeros_shuffle(tmp_path,
         torch.manual_seed(rank)  # an unseeded run: each rank's own draw differs, rank 0's is broadcast
         strategy = SimpleNamespace(broadcast=lambda obj, src: sent.append((obj, src)) or sent[0][0])
         dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, strategy=strategy)
+        dm.shuffle_seed = None  # each rank is a process of its own, with a DataModule of its own
         loader = dm.train_dataloader()
         assert isinstance(loader.sampler, ShuffledWindows) and loader.batch_size == 8
         x, _ = next(iter(loader))

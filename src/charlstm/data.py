@@ -17,7 +17,7 @@ from charlstm.errors import ConfigError, CorpusError
 from charlstm.net import ENCODINGS, encode_inputs
 from charlstm.prepared import check_covers, corpus_ids, recode
 from charlstm.vocab import CharVocab
-from charlstm.windows import Batch, ShuffledWindows, StreamDataset, WindowDataset, _as_batch
+from charlstm.windows import Batch, ResumableLoader, ShuffledWindows, StreamDataset, WindowDataset, _as_batch
 
 LAYOUTS = ("windows", "streams")
 
@@ -130,6 +130,57 @@ def split_test(train: torch.Tensor, total: int, test_fraction: float, seq_len: i
     return rest, test
 
 
+STREAMS_KEY = "charlstm_stream_state"  # where a checkpoint keeps the streams' carried hidden state, every rank's
+
+
+def stream_states(module: pl.LightningModule, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The carried (h, c) of every rank, stacked rank by rank (under DDP a collective call: every rank saves)."""
+    h, c = state
+    if module._trainer is not None and module.trainer.world_size > 1:
+        return module.all_gather(h).cpu(), module.all_gather(c).cpu()
+    return h[None].cpu(), c[None].cpu()
+
+
+def own_stream_state(module: pl.LightningModule, saved: tuple[torch.Tensor, ...] | None) -> tuple | None:
+    """This rank's carried (h, c) from a checkpoint's :func:`stream_states`; None (zeros) when the checkpoint
+    has none or was written by another number of processes (each rank's streams were other text)."""
+    rank, world = (module.trainer.global_rank, module.trainer.world_size) if module._trainer is not None else (0, 1)
+    if saved is None or len(saved[0]) != world:
+        return None
+    return saved[0][rank], saved[1][rank]
+
+
+def fix_resume_point(checkpoint: dict) -> None:
+    """Where a run resumes from this checkpoint: inside an epoch that was cut short, and at the start of the next
+    epoch after an epoch's last batch.
+
+    Lightning counts an epoch that ``trainer.max_steps``, ``max_time`` or a stop cut short as done (its end hooks
+    ran), so a resume would start the next epoch and never train the rest of this one: the checkpoint records it
+    as started, not finished, which is how Lightning saves inside an epoch, and the resume reads the epoch's
+    remaining batches (the loader's position travels in the checkpoint too). After an epoch's last batch (a stop
+    there, or ``limit_train_batches``) the loader's state is that of a new pass, with no carried streams state.
+    Lightning's loop progress layout is not a public API; tests/test_midepoch_resume.py fails if it changes.
+    """
+    try:
+        fit = checkpoint["loops"]["fit_loop"]
+        epochs, batches = fit["epoch_progress"], fit["epoch_loop.batch_progress"]
+        loaders = fit["state_dict"].get("combined_loader", [])
+        if batches["is_last_batch"]:  # every batch of the epoch read: the next pass is the next epoch's, whole
+            for state in loaders:
+                state.update(batches=0, epoch_seed=None)
+            checkpoint.pop(STREAMS_KEY, None)  # and its streams start from zeros (Lightning may skip the epoch's
+            return  # start hooks when it resumes there)
+        if batches["current"]["ready"] == 0:
+            return  # the next epoch has not read a batch yet
+        if epochs["current"]["processed"] != epochs["current"]["started"]:
+            return  # saved inside the epoch: already a resume inside it
+        for counts in (epochs["current"], epochs["total"]):
+            counts["processed"] = counts["completed"] = counts["started"] - 1
+    except KeyError:
+        return
+    checkpoint["epoch"] = epochs["current"]["completed"]
+
+
 class CharDataModule(pl.LightningDataModule):
     """Reads the corpus, builds the vocabulary and serves training and validation batches."""
 
@@ -178,6 +229,7 @@ class CharDataModule(pl.LightningDataModule):
         self.train_ids: torch.Tensor | None = None
         self.val_ids: torch.Tensor | None = None
         self.test_ids: torch.Tensor | None = None  # only with data.test_fraction > 0
+        self.shuffle_seed: int | None = None  # the windows' shuffle seed under DDP, drawn once per run
 
     def load(self) -> CharVocab:
         """Map the prepared corpus, fix the vocabulary and cut the id tensors (training, validation, test when
@@ -240,20 +292,31 @@ class CharDataModule(pl.LightningDataModule):
         stride = 1 if not self.val_max_windows else max(1, math.ceil(n / self.val_max_windows))
         return WindowDataset(self.val_ids, self.val_context, stride, "last")
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
+        """Resumable: a run resumed inside an epoch reads the rest of it, as an uninterrupted run would."""
         ds = self.train_dataset()
         if isinstance(ds, StreamDataset):
             # Order is the point of streams: one process, batches already formed.
-            return DataLoader(ds, batch_size=None, num_workers=0)
-        rank, world = self._rank()
-        seed = None
-        if world > 1:  # one shuffle for all ranks: rank 0's seed (an unseeded run's ranks draw different ones)
-            seed = self.trainer.strategy.broadcast(int(torch.randint(1 << 62, ()).item()), src=0)
-        sampler = ShuffledWindows(len(ds), rank, world, seed)
-        # Workers start again each epoch (not persistent): a new iterator draws from torch's RNG as the main process's
-        # does, so the epoch's shuffle, and the run, are the same with or without workers (tested).
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=_as_batch)  # fmt: skip
+            loader = ResumableLoader(ds, batch_size=None, num_workers=0)
+        else:
+            rank, world = self._rank()
+            if world > 1 and self.shuffle_seed is None:
+                # one shuffle for all ranks: rank 0's seed (an unseeded run's ranks draw different ones); a resumed
+                # run has it from its checkpoint, so it shuffles the next epochs as it would have
+                self.shuffle_seed = self.trainer.strategy.broadcast(int(torch.randint(1 << 62, ()).item()), src=0)
+            sampler = ShuffledWindows(len(ds), rank, world, self.shuffle_seed if world > 1 else None)
+            # Workers start again each epoch (not persistent): a new iterator draws from torch's RNG as the main
+            # process's does, so the epoch's shuffle, and the run, are the same with or without workers (tested).
+            loader = ResumableLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                                     collate_fn=_as_batch)  # fmt: skip
+        return loader
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the data: the DDP shuffle's seed (nothing for one process)."""
+        return {} if self.shuffle_seed is None else {"shuffle_seed": self.shuffle_seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shuffle_seed = state.get("shuffle_seed")
 
     def test_dataset(self) -> WindowDataset:
         """Every test char predicted from the ``val_context`` chars before it (no subsample: scored once)."""
@@ -275,7 +338,10 @@ class CharDataModule(pl.LightningDataModule):
         sampler = None
         if 1 < world <= len(ds):
             sampler = UnrepeatedDistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, sampler=sampler, collate_fn=_as_batch)
+        # Its own generator: every pass of a DataLoader draws a seed, and scoring must not move the training's random
+        # draws (a run stopped by trainer.max_steps validates once more than one that went on, then resumes exactly)
+        return DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, sampler=sampler, collate_fn=_as_batch,
+                          generator=torch.Generator())  # fmt: skip
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         x, y = batch

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from charlstm.data import LAYOUTS
+from charlstm.data import LAYOUTS, STREAMS_KEY, fix_resume_point, own_stream_state, stream_states
 from charlstm.errors import ConfigError, DivergenceError
 from charlstm.net import CharLSTM, State
 
@@ -268,10 +268,19 @@ class CharLSTMModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CLOCK_KEY] = self.clock.state_dict()
+        if self._train_state is not None:  # streams: a resume inside the epoch carries on every rank's state
+            checkpoint[STREAMS_KEY] = stream_states(self, self._train_state)
+        fix_resume_point(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if CLOCK_KEY in checkpoint:
             self.clock.load_state_dict(checkpoint[CLOCK_KEY])
+        # Used only when the run resumes inside an epoch: a new epoch starts from zeros (on_train_epoch_start)
+        self._train_state = own_stream_state(self, checkpoint.get(STREAMS_KEY))
+
+    def on_train_start(self) -> None:
+        if self._train_state is not None:  # restored before the model moved to its device
+            self._train_state = (self._train_state[0].to(self.device), self._train_state[1].to(self.device))
 
     def on_train_end(self) -> None:
         self.clock.pause()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.data import Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from charlstm.errors import ConfigError, CorpusError
 from charlstm.prepared import MappedPages
@@ -82,12 +82,14 @@ class StreamDataset(IterableDataset):
         self.inputs = part[: batch_size * length].view(batch_size, length)
         self.targets = part[1 : batch_size * length + 1].view(batch_size, length)
         self._pages = MappedPages(ids, every=256)  # a mapped corpus: unmap what every 256 batches read
+        self.start = 0  # the batch the next pass starts at (a resumed epoch; the pass after it starts at 0)
 
     def __len__(self) -> int:
         return math.ceil(self.length / self.seq_len)
 
     def __iter__(self):
-        for i in range(0, self.length, self.seq_len):
+        first, self.start = self.start, 0
+        for i in range(first * self.seq_len, self.length, self.seq_len):
             batch = self.inputs[:, i : i + self.seq_len].long(), self.targets[:, i : i + self.seq_len].long()
             self._pages.read()
             yield batch
@@ -106,6 +108,9 @@ class ShuffledWindows(Sampler[int]):
     calls ``set_epoch``. Rank ``r`` of ``world`` reads positions ``r, r + world, ...`` of the shuffle, the last
     round wrapping to the start so that every rank reads ``ceil(n / world)`` windows (ranks must take the same
     number of steps), as ``DistributedSampler`` pads.
+
+    ``epoch_seed`` is the seed of the shuffle being read; ``resume(epoch_seed, start)`` makes the next pass that
+    shuffle again from this rank's position ``start`` on (a run resumed inside an epoch).
     """
 
     BLOCK = 8192  # indices computed per tensor operation
@@ -116,9 +121,15 @@ class ShuffledWindows(Sampler[int]):
             raise ValueError(f"rank {rank} is not in a world of {world}")
         self.n, self.rank, self.world, self.seed, self.exact_limit = n, rank, world, seed, exact_limit
         self.epoch = 0
+        self.epoch_seed: int | None = None
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch_seed: int, start: int) -> None:
+        """The next pass reads the shuffle of ``epoch_seed`` from position ``start``; the pass after it is new."""
+        self._resume = (epoch_seed, start)
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.world)
@@ -126,15 +137,72 @@ class ShuffledWindows(Sampler[int]):
     def __iter__(self):
         if self.n == 0:
             return
-        seed = self.seed + self.epoch if self.seed is not None else int(torch.empty((), dtype=torch.int64).random_())
+        if self._resume is not None:  # the rest of an interrupted epoch: its seed, no new draw
+            (seed, first), self._resume = self._resume, None
+        elif self.seed is not None:
+            seed, first = self.seed + self.epoch, 0
+        else:
+            seed, first = int(torch.empty((), dtype=torch.int64).random_()), 0
+        self.epoch_seed = seed
         if self.n <= self.exact_limit:
             permute = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)).__getitem__
         else:
             permute = FeistelPermutation(self.n, seed)
         count = len(self)
-        for start in range(0, count, self.BLOCK):
+        for start in range(first, count, self.BLOCK):
             positions = torch.arange(start, min(start + self.BLOCK, count)) * self.world + self.rank
             yield from permute(positions % self.n).tolist()
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader that knows where it is in the epoch, so a run resumed inside an epoch reads just the
+    rest of it, in the order the uninterrupted run read it.
+
+    Lightning saves ``state_dict()`` (the batches of this pass handed out, and the shuffle's seed) in every
+    checkpoint and, on a resume inside an epoch, gives it back to ``load_state_dict`` before the loader is iterated:
+    the next pass then starts at that batch (``ShuffledWindows.resume``, ``StreamDataset.start``; another sampler,
+    e.g. the sequential one Lightning puts in for ``overfit_batches``, by skipping batches). A pass draws its base
+    seed from torch's random generator as it starts; a resumed pass gives the draw back, so dropout goes on with the
+    draws of the run that never stopped (the checkpoint restored the generator as it was after the last step).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._read = 0  # batches of the current pass handed out
+        self._resume: dict | None = None
+
+    def state_dict(self) -> dict:
+        sampler = self.sampler if isinstance(self.sampler, ShuffledWindows) else None
+        return {"batches": self._read, "epoch_seed": sampler and sampler.epoch_seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
+
+    def __iter__(self):
+        resume, self._resume = self._resume, None
+        done = int(resume["batches"]) if resume else 0
+        if not done:
+            self._read = 0
+            return self._count(super().__iter__(), 0)
+        skip = 0
+        if isinstance(self.sampler, ShuffledWindows) and resume.get("epoch_seed") is not None:
+            self.sampler.resume(int(resume["epoch_seed"]), done * self.batch_size)
+        elif isinstance(self.dataset, StreamDataset):
+            self.dataset.start = done
+        else:
+            skip = done
+        rng = torch.get_rng_state()
+        iterator = super().__iter__()
+        torch.set_rng_state(rng)
+        self._read = done
+        return self._count(iterator, skip)
+
+    def _count(self, iterator, skip: int):
+        for i, batch in enumerate(iterator):
+            if i < skip:
+                continue
+            self._read += 1
+            yield batch
 
 
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)  # splitmix64's, as signed int64
