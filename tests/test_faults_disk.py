@@ -16,6 +16,7 @@ import torch
 from omegaconf import open_dict
 
 from charlstm import checkpoint
+from charlstm.cli import command_line
 from charlstm.errors import DivergenceError
 from charlstm.evaluate import evaluate
 from charlstm.train import train
@@ -178,8 +179,9 @@ def test_a_checkpoint_of_weights_that_gave_no_sane_loss_is_not_kept(tmp_path, da
     assert str(info.value).startswith("training loss became ")
     assert str(info.value).endswith(
         f" at step 5 (10x that of guessing uniformly or more: diverged); the last good checkpoint is {last} (step 4); "
-        f"resume it with a smaller learning rate: python train.py ckpt_path={last} model.lr={cfg.model.lr / 10:g} "
-        "(or set trainer.gradient_clip_val)"
+        "resume it with a smaller learning rate: "
+        f"{command_line('train.py', f'ckpt_path={last}', f'model.lr={cfg.model.lr / 10:g}')} (or set "
+        "trainer.gradient_clip_val)"
     )
     assert checkpoint.load(last)["global_step"] == 4
     assert sorted(p.name for p in last.parent.iterdir() if p.name.startswith(".")) == []

@@ -117,7 +117,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(make_cfg, tmp_path)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert str(info.value) == (
         f"training loss became nan at step 7; the last good checkpoint is {last} (step 6); resume it with a smaller "
-        f"learning rate: python train.py ckpt_path={last} model.lr={cfg.model.lr / 10:g} (or set "
+        f"learning rate: {command_line('train.py', f'ckpt_path={last}', f'model.lr={cfg.model.lr / 10:g}')} (or set "
         "trainer.gradient_clip_val)"
     )
     ckpt = checkpoint.load(last)
@@ -133,8 +133,9 @@ def test_nonfinite_weights_are_never_written_over_a_good_checkpoint(make_cfg, tm
         train(cfg)
     assert str(info.value) == (
         f"the weights became non-finite (net.lstm.weight_ih_l0) by step 6, so {last} was not written; the last "
-        f"good checkpoint is {last} (step 3); resume it with a smaller learning rate: python train.py "
-        f"ckpt_path={last} model.lr={cfg.model.lr / 10:g} (or set trainer.gradient_clip_val)"
+        f"good checkpoint is {last} (step 3); resume it with a smaller learning rate: "
+        f"{command_line('train.py', f'ckpt_path={last}', f'model.lr={cfg.model.lr / 10:g}')} (or set "
+        "trainer.gradient_clip_val)"
     )
     assert step_of(last) == 3
 

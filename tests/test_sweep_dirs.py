@@ -93,7 +93,7 @@ def test_one_sweep_at_a_time_in_a_sweep_folder_and_a_rerun_after_kill_9_summariz
     long = ["trainer.max_steps=100000", "trainer.max_epochs=1000", "callbacks.early_stopping=null"]
     first = train_cli(*sweep_args(tmp_path, data_dir, sweep, "model.units=8,12", *long))
     try:
-        wait_for(sweep / "0_model.units=8" / "tensorboard")
+        wait_for(sweep / "0_model.units=8" / "config.yaml")  # its first job is training
         second = finish(train_cli(*sweep_args(tmp_path, data_dir, sweep, "model.units=16")))
     finally:
         first.kill()  # kill -9: the kernel drops its lock
