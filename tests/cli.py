@@ -53,3 +53,14 @@ def run_folders(outputs: Path) -> list[Path]:
     return sorted(
         (p.parent for p in outputs.rglob("config.yaml") if ".hydra" not in p.parts), key=lambda p: p.stat().st_mtime
     )
+
+
+def into_closed_pipe(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run a command whose stdout is a pipe the reader has already closed (``cmd | head -1`` once head is done): its
+    read end is closed before the command writes, so every write meets the closed pipe. stderr is captured."""
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(args, stdout=write_end, stderr=subprocess.PIPE, env=cli_env(**env), cwd=cwd, text=True)
+    os.close(read_end)
+    os.close(write_end)
+    _, err = proc.communicate(timeout=240)
+    return subprocess.CompletedProcess(args, proc.returncode, None, err)

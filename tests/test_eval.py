@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from charlstm.evaluate import dataset_batches, evaluate
 from charlstm.train import train
 from charlstm.windows import WindowDataset
 from tests import forkserver
+from tests.cli import into_closed_pipe
 from tests.conftest import ROOT, TINY, compose_cfg
 
 # The run's validation context differs from its seq_len, so a test fails if eval reads the wrong one.
@@ -204,3 +206,10 @@ def test_eval_py_prints_one_line_and_errors_in_one_line(trained, text_file):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: ") and "'☃'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_py_into_a_reader_that_went_away_ends_quietly(trained):
+    """`python eval.py ckpt=X | head -1` after head is done: exit status 141, as a Unix tool, and no traceback."""
+    done = into_closed_pipe([sys.executable, str(ROOT / "eval.py"), f"ckpt={trained['ckpt']}"], trained["root"])
+    assert done.returncode == 128 + signal.SIGPIPE, done.stderr
+    assert "Traceback" not in done.stderr and "Error executing job" not in done.stderr, done.stderr

@@ -16,7 +16,7 @@ import pytest
 from charlstm.cli import split_by_shell
 from charlstm.data import fixed_vocab
 from charlstm.errors import ConfigError
-from tests.cli import SHRINK, cli_env, one_line_error, run_cli
+from tests.cli import SHRINK, cli_env, into_closed_pipe, one_line_error, run_cli
 from tests.conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,3 +207,12 @@ def test_a_training_batch_beyond_the_memory_is_one_line_and_leaves_no_run_folder
     line = one_line_error(done)
     assert line.startswith("error: data.batch_size=100000 needs at least ") and "lower data.batch_size" in line
     assert not list((tmp_path / "outputs").rglob("*.yaml"))  # no run folder left behind
+
+
+# -- a reader that goes away --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", ["generate.py", "eval.py"])
+def test_help_piped_into_a_reader_that_went_away_ends_quietly(script):
+    """`python generate.py --help | head -1`: once the reader has closed the pipe, the command ends as a Unix tool
+    does on SIGPIPE (status 141), with nothing on stderr."""
+    done = into_closed_pipe([sys.executable, str(ROOT / script), "--help"], ROOT)
+    assert (done.returncode, done.stderr) == (128 + signal.SIGPIPE, "")

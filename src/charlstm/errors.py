@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -117,6 +117,15 @@ def process_rank() -> int:
     return 0
 
 
+def end_on_broken_pipe() -> NoReturn:
+    """The reader of stdout went away (``eval.py --help | head -1``): end quietly, as a Unix tool ends on SIGPIPE.
+    stdout is pointed at /dev/null so the interpreter's final flush has nowhere to fail (Python's documented
+    recipe for SIGPIPE)."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(128 + signal.SIGPIPE)
+
+
 def exit_on_error(fn: F) -> F:
     """Turn a CharLSTMError into one line on stderr and a non-zero exit status (for entry points).
 
@@ -129,6 +138,8 @@ def exit_on_error(fn: F) -> F:
         try:
             try:
                 return fn(*args, **kwargs)
+            except BrokenPipeError:
+                end_on_broken_pipe()
             except OSError as err:  # a write no code path expected to fail: still one line
                 failed = write_failure(err)
                 if failed is None:
@@ -186,6 +197,8 @@ def run_command(script: str, config_name: str, task: str, plain: bool = False) -
         hydra_entry(Path(script).resolve().parent / "configs", config_name, task, plain=plain)
     except KeyboardInterrupt:
         raise SystemExit(128 + signal.SIGINT) from None
+    except BrokenPipeError:
+        end_on_broken_pipe()
     finally:
         if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job started with Ctrl-C ignored
             signal.signal(signal.SIGINT, _on_sigint_at_exit)
