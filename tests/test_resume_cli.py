@@ -175,3 +175,20 @@ def test_a_run_being_trained_is_not_trained_into_by_a_second_process(tmp_path, d
     step = torch.load(last, weights_only=True, map_location="cpu")["global_step"]
     ok(train(tmp_path, data_dir, *args, f"trainer.max_steps={step + 4}", f"ckpt_path={last}"))
     assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == step + 4
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [("data: [unclosed\n", "invalid YAML at line 2"), ("", "empty"), ("- a list\n", "not a run's settings")],
+    ids=["invalid", "empty", "foreign"],
+)
+def test_a_damaged_config_yaml_is_one_line_naming_it_for_resume_and_eval(tmp_path, data_dir, damage, why):
+    ok(train(tmp_path, data_dir, "~experiment", *SHRINK, FIRST, "paths.outputs_root=outputs"))
+    (run,) = run_folders(tmp_path / "outputs")
+    (run / "config.yaml").write_text(damage, encoding="utf-8")
+    last = run / "checkpoints" / "last.ckpt"
+    expected = f"error: {run / 'config.yaml'} cannot be read ({why}): it holds the run's settings; restore it from"
+    line = one_line_error(train(tmp_path, data_dir, f"ckpt_path={last}", MORE))
+    assert line.startswith(expected) and line.endswith("or start a new run"), line
+    line = one_line_error(run_cli("eval.py", f"ckpt={last}", cwd=tmp_path))
+    assert line.startswith(expected) and line.endswith("to score a text"), line

@@ -100,7 +100,7 @@ def own_validation(
     ``moved`` is where the run's corpus file is now (``data.path=`` alone), accepted when it holds the same bytes.
     """
     from charlstm.data import CharDataModule
-    from charlstm.rundir import absolute, check_moved_corpus, run_folder_of
+    from charlstm.rundir import absolute, check_moved_corpus, load_run_config, run_folder_of
 
     run = run_folder_of(path)
     if run is None:
@@ -109,8 +109,9 @@ def own_validation(
             "validation text is unknown; pass data=file data.path=X to score a text"
         )
     try:
-        saved = OmegaConf.to_container(OmegaConf.load(run / "config.yaml").data, resolve=True)
-    except (OmegaConfBaseException, OSError) as err:
+        saved = load_run_config(run, otherwise="pass data=file data.path=X to score a text")
+        saved = OmegaConf.to_container(saved.data, resolve=True)
+    except OmegaConfBaseException as err:
         raise ConfigError(f"{run / 'config.yaml'} cannot be read ({type(err).__name__}); pass data=...") from None
     accepted = inspect.signature(CharDataModule).parameters
     settings = {k: v for k, v in saved.items() if k in accepted}

@@ -296,6 +296,31 @@ def let_go() -> None:
         _held.popitem()[1].close()
 
 
+def load_run_config(run_dir: Path, otherwise: str = "start a new run") -> DictConfig:
+    """A run's ``config.yaml`` (its settings, which a resume and eval.py read); one line naming the file when it is
+    unreadable, not YAML, empty, or not a run's settings (the run writes it atomically, so only a hand edit or a
+    damaged disk gets here)."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    try:
+        saved = OmegaConf.load(path)
+        settings = isinstance(saved, DictConfig) and {"data", "model", "trainer"} <= set(saved)
+        why = None if settings else "not a run's settings"
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        why = f"invalid YAML at line {mark.line + 1}" if mark is not None else "invalid YAML"
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+    if why is not None:
+        empty = path.is_file() and not path.read_bytes().strip()
+        raise ConfigError(
+            f"{path} cannot be read ({'empty' if empty else why}): it holds the run's settings; restore it from the "
+            f"run's .hydra/config.yaml or config-resume-N.yaml, or {otherwise}"
+        )
+    return saved
+
+
 def run_folder_of(ckpt_path: str | os.PathLike[str]) -> Path | None:
     """The run folder a checkpoint belongs to (``RUN/checkpoints/x.ckpt`` beside ``RUN/config.yaml``), if any."""
     ckpt_path = Path(ckpt_path)

@@ -50,6 +50,7 @@ from charlstm.rundir import (
     file_sha256,
     hold,
     holds,
+    load_run_config,
     override_key,
     run_folder_of,
 )
@@ -303,7 +304,7 @@ def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Dict
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
-    saved = OmegaConf.load(run_dir / "config.yaml")
+    saved = load_run_config(run_dir)
     where = run_dir / "config.yaml"
 
     def refuse(override: str, what: str) -> ConfigError:
