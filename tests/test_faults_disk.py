@@ -1,13 +1,17 @@
 """A disk that fails and a run that diverges, said in one line that names the file and what was kept.
 
 Read-only folders and full disks are simulated where the write happens (tests/faults.py): the tests run as root,
-which ignores chmod, and mounting a read-only or full file system needs privileges CI does not have.
+which ignores chmod. One test uses a real read-only file system: a bind mount remounted read-only inside a private
+user and mount namespace (``unshare -rm``), which needs no privilege beyond what an unprivileged user has.
 """
 
 from __future__ import annotations
 
 import math
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,7 @@ from charlstm.cli import command_line
 from charlstm.errors import DivergenceError
 from charlstm.evaluate import evaluate
 from charlstm.train import train
-from tests.cli import ROOT, SHRINK, ok, one_line_error, run_cli
+from tests.cli import ROOT, SHRINK, cli_env, ok, one_line_error, run_cli
 from tests.conftest import compose_cfg
 from tests.test_interrupt import add_callback
 
@@ -84,6 +88,32 @@ def test_resuming_a_run_on_a_read_only_disk_is_one_line(tmp_path, data_dir):
     line = one_line_error(done)
     assert line.startswith(f"error: cannot write {run}/") and "the file system is read-only" in line, line
     assert checkpoint.load(run / "checkpoints" / "last.ckpt")["global_step"] == 3
+
+
+def on_a_read_only_mount(disk: Path, script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` with ``disk`` really read-only: bind-mounted onto itself and remounted read-only in a
+    mount namespace of the command's own (nothing outside it sees the mount, and it ends with the command)."""
+    mount = f"mount --bind {shlex.quote(str(disk))} {shlex.quote(str(disk))} && " \
+            f"mount -o remount,bind,ro {shlex.quote(str(disk))}"  # fmt: skip
+    command = shlex.join([sys.executable, str(ROOT / script), *args])
+    return subprocess.run(["unshare", "-rm", "sh", "-c", f"{mount} && exec {command}"], cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+
+
+def test_a_real_read_only_disk_is_one_line_for_a_new_run_and_a_resume(tmp_path, data_dir):
+    disk = tmp_path / "disk"
+    run = disk / "run"
+    ok(run_cli("train.py", *RUN, f"hydra.run.dir={run}", f"paths.data_dir={data_dir}", cwd=tmp_path))
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    done = on_a_read_only_mount(disk, "train.py", *RUN, f"hydra.run.dir={disk / 'new'}", f"paths.data_dir={data_dir}",
+                                cwd=tmp_path)  # fmt: skip
+    assert one_line_error(done) == readonly_line(disk / "new", disk)
+    done = on_a_read_only_mount(disk, "train.py", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+                                "trainer.max_steps=6", cwd=tmp_path)  # fmt: skip
+    line = one_line_error(done)
+    assert line.startswith(f"error: cannot write {run}/") and "the file system is read-only" in line, line
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+    assert not (disk / "new").exists()
 
 
 def test_a_log_file_that_cannot_be_made_is_one_line(tmp_path, data_dir):
