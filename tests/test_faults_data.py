@@ -18,7 +18,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from charlstm import checkpoint
+from charlstm import checkpoint, prepared
 from charlstm.errors import CheckpointError, CorpusError
 from charlstm.prepared import prepare
 from charlstm.train import train
@@ -123,6 +123,50 @@ def test_a_source_edited_in_place_with_its_size_and_time_restored_is_prepared_ag
     prepared = prepare(path, data_dir)
     assert prepared.folder != folder
     assert_prepared_right(prepared, edited)
+
+
+@pytest.fixture
+def hashed(monkeypatch) -> list[str]:
+    """The names of the files hashed from now on."""
+    names: list[str] = []
+    real = prepared.file_hash
+
+    def counting(path: Path) -> str:
+        names.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(prepared, "file_hash", counting)
+    return names
+
+
+def test_an_unchanged_source_and_cache_are_not_read_again(corpus, hashed):
+    path, data_dir, folder = corpus
+    again = prepare(path, data_dir, after_chunk=lambda i: pytest.fail("the cache should have been used"))
+    assert again.folder == folder and hashed == []
+    assert_prepared_right(again)
+
+
+def test_a_source_touched_without_a_change_is_hashed_once_and_its_cache_kept(corpus, hashed):
+    path, data_dir, folder = corpus
+    os.utime(path)
+    kept = lambda i: pytest.fail("the cache should have been used")  # noqa: E731
+    assert prepare(path, data_dir, after_chunk=kept).folder == folder and hashed == ["corpus.txt"]
+    assert prepare(path, data_dir, after_chunk=kept).folder == folder and hashed == ["corpus.txt"]
+
+
+def test_a_copied_data_folder_is_checked_once_then_not_again(corpus, hashed, tmp_path):
+    path, data_dir, folder = corpus
+    copy = tmp_path / "copy"
+    shutil.copytree(data_dir, copy)  # the same times, other inodes and ctimes
+    kept = lambda i: pytest.fail("the copied cache should have been used")  # noqa: E731
+    first = prepare(path, copy, after_chunk=kept)
+    assert first.folder == copy / "prepared" / folder.name and sorted(hashed) == ["ids.u8", "vocab.json"]
+    assert_prepared_right(first)
+    del first
+    hashed.clear()
+    assert prepare(path, copy, after_chunk=kept).folder == copy / "prepared" / folder.name and hashed == []
+    (copy / "prepared" / folder.name / "ids.u8").write_bytes(b"\x00" * len(TEXT))  # still checked after that
+    assert_prepared_right(prepare(path, copy))
 
 
 def test_a_damaged_cache_trains_on_the_text_itself(tmp_path, data_dir):

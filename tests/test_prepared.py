@@ -156,7 +156,8 @@ def test_leftovers_of_a_killed_preparation_are_never_trusted(tmp_path):
     rebuilt = prepare(path, tmp_path / "data")
     assert torch.equal(rebuilt.ids.long(), expected_ids(DATA, True)[1])
     assert not leftover.exists()
-    assert sorted(p.name for p in root.iterdir()) == sorted([name, f".{name.rsplit('-', 1)[0]}.lock"])
+    group = name.rsplit("-", 1)[0]
+    assert sorted(p.name for p in root.iterdir()) == sorted([name, f".{group}.lock", f".{group}.source.json"])
 
 
 PREPARER = textwrap.dedent(

@@ -135,10 +135,65 @@ def file_hash(path: Path) -> str:
         return str(hashlib.file_digest(fh, new_digest).hexdigest())
 
 
-def source_fingerprint(path: Path, key: str = "") -> str:
-    """What identifies the text: a hash of the file's content (and ``key``, e.g. a play's content), so an edit
-    that keeps the size and the modification time still prepares the text again."""
-    return f"{key}\0{file_hash(path)}"
+def identity(path: Path) -> list[int]:
+    """What tells a file's content unchanged without reading it: (device, inode, size, mtime, ctime). Any write,
+    chmod, rename or utime sets ctime to the clock's time, and no call sets it back (only setting the system clock
+    can forge it), unlike the mtime, which ``touch -d`` or ``os.utime`` restore."""
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _settled_identity(path: Path, clock_dir: Path) -> list[int] | None:
+    """``path``'s identity, taken once the clock that stamps files (read off a file made in ``clock_dir`` just
+    before) has moved past its ctime: a change within the same tick would keep the ctime. None where no file can
+    be made there or the ctime lies in the future."""
+    while True:
+        try:
+            with tempfile.TemporaryFile(dir=clock_dir) as fh:
+                now = os.fstat(fh.fileno()).st_ctime_ns
+        except OSError:
+            return None
+        found = identity(path)
+        ctime = found[4]
+        if ctime % 1_000_000_000 == 0:  # a filesystem keeping whole seconds (FAT: two)
+            ctime += 2_000_000_000
+        if ctime < now:
+            return found
+        if ctime > now + 3_000_000_000:
+            return None
+        time.sleep(0.002)
+
+
+def _replace_json(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON to ``path`` at once: a reader sees the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        _write_json(tmp, value)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _index(root: Path, group: str) -> Path:
+    """Where the text's identity and the hash of its content are kept, so an unchanged text is not read again."""
+    return root / f".{group}.source.json"
+
+
+def _text_hash(path: Path, index: Path) -> str:
+    """The hash of the text's content: the one ``index`` records for the file's identity if that is unchanged,
+    else the file is hashed and the index rewritten (where it can be)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        known = json.loads(index.read_text(encoding="utf-8"))
+        if known["identity"] == identity(path):
+            return str(known["hash"])
+    before = _settled_identity(path, index.parent)
+    digest = file_hash(path)
+    if before is not None and identity(path) == before:
+        with contextlib.suppress(OSError):
+            _replace_json(index, {"identity": before, "hash": digest})
+    return digest
 
 
 def cache_names(path: Path, data_dir: str | os.PathLike[str], lowercase: bool, errors: str) -> tuple[Path, str]:
@@ -150,35 +205,57 @@ def cache_names(path: Path, data_dir: str | os.PathLike[str], lowercase: bool, e
     return Path(data_dir) / "prepared", group
 
 
+def _verify(path: Path, digest: str, recorded: Any) -> tuple[bool, list[int] | None]:
+    """Whether ``path`` holds the content that hashed to ``digest``, and the identity to record for it: a file
+    whose identity is the one recorded (see ``identity``) is not read at all."""
+    if recorded is not None and identity(path) == recorded:
+        return True, recorded
+    before = _settled_identity(path, path.parent)
+    if file_hash(path) != digest:
+        return False, None
+    return True, before if before is not None and identity(path) == before else None
+
+
+def _record(folder: Path, meta: dict[str, Any], files: dict[str, list[int] | None]) -> None:
+    """Rewrite the cache's meta.json with the identities of its files, where the folder can be written."""
+    known = {name: found for name, found in files.items() if found is not None}
+    if known != meta.get("files"):
+        meta["files"] = known
+        with contextlib.suppress(OSError):
+            _replace_json(folder / "meta.json", meta)
+
+
 def open_prepared(folder: Path, fingerprint: str, say_damage: bool = True) -> PreparedCorpus | None:
     """The cache in ``folder`` if it is complete, made from this very source and undamaged; None otherwise.
 
-    Its vocabulary and ids must hash as they did when written (a full read of the ids, about a tenth of the time
-    preparing them takes); a damaged cache is said in one log line and prepared again.
+    Its vocabulary and ids must hash as they did when written; a file whose identity is the one recorded when it
+    was last checked is not read (a copied or moved folder is read once). A damaged cache is said in one log line
+    and prepared again.
     """
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         if meta.get("version") != PREPARE_VERSION or meta.get("fingerprint") != fingerprint:
             return None
-        damaged = None
-        vocab_bytes = (folder / "vocab.json").read_bytes()
         suffix, n = meta["ids"], int(meta["chars"])
         np_dtype, torch_dtype = ID_FILES[suffix]
         ids_path = folder / f"ids.{suffix}"
-        if _hash_bytes(vocab_bytes) != meta["vocab_hash"]:
-            damaged = "vocab.json"
-        elif ids_path.stat().st_size != n * np.dtype(np_dtype).itemsize or file_hash(ids_path) != meta["ids_hash"]:
-            damaged = ids_path.name
-        if damaged is not None:
-            if say_damage:
-                log.warning("the prepared corpus in %s is damaged (%s does not match its checksum): preparing it again",
-                            folder, damaged)  # fmt: skip
-            return None
-        vocab = CharVocab(json.loads(vocab_bytes.decode("utf-8")))
+        recorded = meta.get("files") or {}
+        files: dict[str, list[int] | None] = {}
+        for name, digest in (("vocab.json", meta["vocab_hash"]), (ids_path.name, meta["ids_hash"])):
+            good = name != ids_path.name or ids_path.stat().st_size == n * np.dtype(np_dtype).itemsize
+            if good:
+                good, files[name] = _verify(folder / name, digest, recorded.get(name))
+            if not good:
+                if say_damage:
+                    log.warning("the prepared corpus in %s is damaged (%s does not match its checksum): preparing "
+                                "it again", folder, name)  # fmt: skip
+                return None
+        vocab = CharVocab(json.loads((folder / "vocab.json").read_bytes().decode("utf-8")))
         if len(vocab) != meta["vocab_size"] or n < 1:
             return None
     except (OSError, ValueError, KeyError, TypeError, VocabError):  # anything unreadable is simply not trusted
         return None
+    _record(folder, meta, files)
     ids = torch.from_file(str(ids_path), shared=False, size=n, dtype=torch_dtype)
     return PreparedCorpus(folder, ids, vocab, meta)
 
@@ -419,11 +496,10 @@ def _write_json(path: Path, value: Any) -> str:
     return _hash_bytes(data)
 
 
-def _fingerprint(group: str, path: Path, key: str) -> tuple[str, str]:
-    """What a cache of ``path`` is trusted for: the settings group and the file's content as it is now; and the
-    content's hash."""
-    source = source_fingerprint(path, key)
-    return _sha(f"{group}\0{source}")[:16], source.rsplit("\0", 1)[1]
+def _fingerprint(group: str, key: str, content_hash: str) -> str:
+    """What a cache is trusted for: the settings group, ``key`` (e.g. a play's content) and the hash of the file's
+    content as it is now, so an edit that keeps the size and the modification time still prepares it again."""
+    return _sha(f"{group}\0{key}\0{content_hash}")[:16]
 
 
 def prepare(
@@ -439,15 +515,17 @@ def prepare(
     """The ids of the text file ``path`` (lowercased if asked), prepared once into ``data_dir/prepared/``.
 
     The cache is trusted only when it was made from this file's content as it is now (a hash of the file, and
-    ``key``) with the same settings, and its files still hash as they did when written; otherwise it is built
-    again in a temporary folder and renamed into place, under a lock so that processes preparing the same file
-    at once build it once. ``after_chunk`` is a test hook.
+    ``key``) with the same settings, and its files still hash as they did when written (a file found as it was
+    when last hashed, see ``identity``, is not read again); otherwise it is built again in a temporary folder and
+    renamed into place, under a lock so that processes preparing the same file at once build it once.
+    ``after_chunk`` is a test hook.
     """
     path = Path(path)
     where = where or f"corpus file {path}"
     check_errors(errors)
     root, group = cache_names(path, data_dir, lowercase, errors)
-    fingerprint, source_hash = _fingerprint(group, path, key)
+    content_hash = _text_hash(path, _index(root, group))
+    fingerprint = _fingerprint(group, key, content_hash)
     folder = root / f"{group}-{fingerprint[:12]}"
     found = open_prepared(folder, fingerprint)
     if found is not None:
@@ -456,7 +534,7 @@ def prepare(
         raise CorpusError(f"{root} is not a folder (prepared corpora go there); remove it or set paths.data_dir "
                           "to another folder")  # fmt: skip
     try:
-        meta = _prepare_locked(path, root, group, folder, fingerprint, source_hash, where, lowercase, errors,
+        meta = _prepare_locked(path, root, group, folder, fingerprint, content_hash, where, lowercase, errors,
                                chunk_bytes, after_chunk)  # fmt: skip
     except Exception as err:
         failed = write_failure(err)
@@ -473,7 +551,7 @@ def prepare(
 
 
 def _prepare_locked(
-    path: Path, root: Path, group: str, folder: Path, fingerprint: str, source_hash: str, where: str,
+    path: Path, root: Path, group: str, folder: Path, fingerprint: str, content_hash: str, where: str,
     lowercase: bool, errors: str, chunk_bytes: int, after_chunk: Callable[[int], None] | None,
 ) -> dict[str, Any] | None:  # fmt: skip
     """Build the cache into ``folder`` under the group's lock; its meta, or None if another process built it."""
@@ -483,13 +561,14 @@ def _prepare_locked(
             return None
         _remove_stale(root, group)
         started = time.monotonic()
+        settled = _settled_identity(path, root)
         before = path.stat()
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{group}-", suffix=".tmp"))
         bar = _Progress(2 * before.st_size, path.name)
         try:
             built = _build(path, tmp, where, errors, lowercase, chunk_bytes, bar.update, after_chunk)
             after = path.stat()
-            if built.pop("source_hash") != source_hash or (after.st_size, after.st_mtime_ns) != (
+            if built.pop("source_hash") != content_hash or (after.st_size, after.st_mtime_ns) != (
                 before.st_size, before.st_mtime_ns
             ):  # the file changed while it was read  # fmt: skip
                 raise _changed(where)
@@ -511,6 +590,15 @@ def _prepare_locked(
             raise
         finally:
             bar.close()
+        # what later runs compare instead of hashing: the files as they are now, after the rename
+        _record(
+            folder,
+            meta,
+            {name: _settled_identity(folder / name, folder) for name in ("vocab.json", f"ids.{meta['ids']}")},
+        )
+        if settled is not None and identity(path) == settled:
+            with contextlib.suppress(OSError):
+                _replace_json(_index(root, group), {"identity": settled, "hash": content_hash})
     return meta
 
 
