@@ -196,6 +196,13 @@ def _text_hash(path: Path, index: Path) -> str:
     return digest
 
 
+def text_sha256(path: str | os.PathLike[str], data_dir: str | os.PathLike[str], lowercase: bool, errors: str) -> str:
+    """The SHA-256 of a text file's bytes, as preparing it under these settings found it: read from the prepared
+    index while the file is as it was when last hashed (a run records its corpus by it without reading it again)."""
+    root, group = cache_names(Path(path), data_dir, lowercase, errors)
+    return _text_hash(Path(path), _index(root, group))
+
+
 def cache_names(path: Path, data_dir: str | os.PathLike[str], lowercase: bool, errors: str) -> tuple[Path, str]:
     """Where caches go, and the group name of one source file under given settings (its cache folders are
     ``<group>-<fingerprint>``, its lock ``.<group>.lock``)."""

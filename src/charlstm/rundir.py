@@ -335,15 +335,6 @@ def absolute(path: Any) -> Path:
     return Path(os.path.abspath(Path(str(path)).expanduser()))
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The sha256 of a file's bytes, read in 1 MiB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while piece := fh.read(1 << 20):
-            digest.update(piece)
-    return digest.hexdigest()
-
-
 def check_moved_corpus(data: Any, new_path: str, run_dir: Path) -> None:
     """A new ``data.path`` for a run's own text (a resume, or its own validation text in eval.py) is the run's
     corpus file moved: accepted when the file holds the very bytes the run trained on (the sha256 its config.yaml
@@ -356,7 +347,9 @@ def check_moved_corpus(data: Any, new_path: str, run_dir: Path) -> None:
             f"data.path={new_path}: the run in {run_dir} recorded no sha256 of its corpus, so a moved file cannot be "
             f"checked; put its corpus back at {data.get('path')}"
         )
-    if file_sha256(Path(new_path).expanduser()) != str(expected).lower():
+    from charlstm.prepared import file_hash  # SHA-256 of the bytes, as the run recorded
+
+    if file_hash(Path(new_path).expanduser()) != str(expected).lower():
         raise ConfigError(
             f"data.path={new_path} is not the text the run in {run_dir} trained on (its corpus was {data.get('path')}, "
             f"sha256 {str(expected)[:12]}...); point data.path at that text"

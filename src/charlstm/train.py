@@ -42,12 +42,12 @@ from charlstm.hardware import check_fits, default_precision, resolve_precision
 from charlstm.jobranks import sweep_job_ranks
 from charlstm.logs import quiet_known_warnings, route_library_logs
 from charlstm.net import sequence_bytes
+from charlstm.prepared import text_sha256
 from charlstm.progress import FinalValidation, ModelLine, ValidationLog
 from charlstm.reliability import AtomicCheckpointIO, LastCheckpoint, ensure_last_checkpoint
 from charlstm.rundir import (
     absolute,
     check_moved_corpus,
-    file_sha256,
     hold,
     holds,
     load_run_config,
@@ -192,8 +192,9 @@ def save_run_config(cfg: DictConfig, out: Path, resumed: Path | None, step: int)
     corpus = local_corpus(saved.data)
     if corpus is not None:
         saved.data.path = str(corpus)
-        if saved.data.get("sha256") is None:
-            saved.data.sha256 = file_sha256(corpus)
+        if saved.data.get("sha256") is None:  # the hash preparing the corpus took (prepared's index)
+            d = saved.data
+            saved.data.sha256 = text_sha256(corpus, d.data_dir, bool(d.lowercase), str(d.get("errors") or "strict"))
     atomic_write_text(out / name, OmegaConf.to_yaml(saved))
     if resumed is not None:
         log.info("resuming %s at step %d in %s", resumed, step, out)
