@@ -64,3 +64,23 @@ def into_closed_pipe(args: list[str], cwd: Path, **env: str) -> subprocess.Compl
     os.close(write_end)
     _, err = proc.communicate(timeout=240)
     return subprocess.CompletedProcess(args, proc.returncode, None, err)
+
+
+def on_a_terminal(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 240) -> tuple[int, str]:
+    """Run a command with a terminal (a pty) as its stdout and stderr: its exit status and what the terminal showed."""
+    import pty
+
+    main, child = pty.openpty()
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=child, stderr=child)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the terminal closed: the command ended
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    return proc.wait(timeout=timeout), b"".join(chunks).decode("utf-8", "replace")

@@ -5,8 +5,6 @@ escaped in samples, and a resume line that works as printed in a fresh shell."""
 from __future__ import annotations
 
 import logging
-import os
-import pty
 import re
 import shlex
 import subprocess
@@ -18,7 +16,7 @@ from omegaconf import OmegaConf
 
 from charlstm.train import train
 from tests import forkserver
-from tests.cli import ROOT, SHRINK, cli_env, ok, one_line_error, run_cli, run_folders
+from tests.cli import ROOT, SHRINK, cli_env, ok, on_a_terminal, one_line_error, run_cli, run_folders
 from tests.conftest import compose_cfg
 
 # config groups of train.py that generate.py and eval.py do not take
@@ -126,22 +124,8 @@ def test_generate_escapes_control_chars_on_a_terminal_only(control_run):
     args = [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "prompt=ring\a \x1b[31mred", "length=3"]
     piped = ok(run_cli("generate.py", *args, cwd=control_run["cwd"]))
     assert piped.stdout.startswith("ring\a \x1b[31mred")  # a file or a pipe gets the text as it is
-    main, child = pty.openpty()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), *args], cwd=control_run["cwd"],
-                            env=cli_env(), stdin=subprocess.DEVNULL, stdout=child, stderr=child)  # fmt: skip
-    os.close(child)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(main, 65536)
-        except OSError:  # the terminal closed: the command ended
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(main)
-    assert proc.wait(timeout=120) == 0
-    shown = b"".join(chunks).decode("utf-8")
+    status, shown = on_a_terminal([sys.executable, str(ROOT / "generate.py"), *args], control_run["cwd"], cli_env())
+    assert status == 0
     assert shown.startswith("ring\\x07 \\x1b[31mred") and "\a" not in shown and "\x1b" not in shown
 
 

@@ -4,11 +4,8 @@ one line."""
 
 from __future__ import annotations
 
-import os
-import pty
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import pytest
 import torch
 
 from charlstm.cli import command_line
-from tests.cli import ROOT, SHRINK, ok, one_line_error, run_cli, run_folders
+from tests.cli import ROOT, SHRINK, cli_env, ok, on_a_terminal, one_line_error, run_cli, run_folders
 
 pytestmark = pytest.mark.slow
 
@@ -121,26 +118,9 @@ def test_no_progress_bar_run_logs_to_train_log(tmp_path):
 def test_a_terminal_gets_the_live_bar(tmp_path):
     # on a terminal: the bar, with `Epoch 0` (no epoch limit), not `Epoch 0/-2` (a pipe: the chatter test above)
     (tmp_path / "tty").mkdir()
-    main, child = pty.openpty()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
-    env.pop("HYDRA_FULL_ERROR", None)
     command = [sys.executable, str(ROOT / "train.py"), "trainer.max_steps=20", *SHRINK]
-    proc = subprocess.Popen(
-        command, cwd=tmp_path / "tty", env=env, stdin=subprocess.DEVNULL, stdout=child, stderr=child
-    )
-    os.close(child)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(main, 65536)
-        except OSError:  # the terminal closed: the run ended
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(main)
-    assert proc.wait(timeout=240) == 0
-    shown = b"".join(chunks).decode("utf-8", "replace")
+    status, shown = on_a_terminal(command, tmp_path / "tty", cli_env(COLUMNS="120"))
+    assert status == 0
     assert "Epoch 0" in shown and "0/-2" not in shown
     assert "validation at step 20" not in shown  # the bar carries the numbers; the line is in train.log
 

@@ -31,6 +31,14 @@ class CopyAtEpochStart(pl.Callback):
             shutil.copy(self.src, self.dst)
 
 
+def copy_at_epoch_start(cfg, folder: Path, epoch_end: Path) -> None:
+    """Have the run in ``folder`` copy its last.ckpt to ``epoch_end`` as its second epoch starts (the state a crash
+    right after the first epoch would leave)."""
+    with open_dict(cfg):
+        cfg.callbacks.copy = {"_target_": f"{__name__}.CopyAtEpochStart", "epoch": 1, "dst": str(epoch_end),
+                              "src": str(folder / "run" / "checkpoints" / "last.ckpt")}  # fmt: skip
+
+
 def cfg_in(make_cfg, folder: Path, *overrides: str):
     cfg = make_cfg(*EXACT, *overrides)
     with open_dict(cfg):
@@ -77,9 +85,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(make_cfg, tmp
     # A: 3 epochs without a stop; a copy of last.ckpt is taken at the end of its first epoch
     epoch_end = tmp_path / "epoch-end.ckpt"
     cfg = cfg_in(make_cfg, tmp_path / "a", *recipe, "trainer.max_epochs=3")
-    with open_dict(cfg):
-        cfg.callbacks.copy = {"_target_": f"{__name__}.CopyAtEpochStart", "epoch": 1, "dst": str(epoch_end),
-                              "src": str(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt")}  # fmt: skip
+    copy_at_epoch_start(cfg, tmp_path / "a", epoch_end)
     _, a = train(cfg)
 
     # B: from A's end-of-epoch checkpoint (written mid-run, as a crash would leave it) to 3 epochs
@@ -198,9 +204,7 @@ def test_a_resume_with_another_learning_rate_scales_the_restored_optimizer(make_
     epoch_end = tmp_path / "epoch-end.ckpt"
     recipe = (f"model.scheduler={scheduler}", "trainer.max_epochs=2")
     cfg = cfg_in(make_cfg, tmp_path / "a", *recipe, "model.lr=0.01")
-    with open_dict(cfg):
-        cfg.callbacks.copy = {"_target_": f"{__name__}.CopyAtEpochStart", "epoch": 1, "dst": str(epoch_end),
-                              "src": str(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt")}  # fmt: skip
+    copy_at_epoch_start(cfg, tmp_path / "a", epoch_end)
     _, a = train(cfg)
     _, b = train(cfg_in(make_cfg, tmp_path / "b", *recipe, "model.lr=0.005", f"ckpt_path={epoch_end}"))
     opt_a, opt_b = a["trainer"].optimizers[0], b["trainer"].optimizers[0]
