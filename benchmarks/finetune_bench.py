@@ -7,8 +7,9 @@ The texts are built from files every Python installation (and a Debian-like syst
 
 For every text and budget the two arms run one after the other, in alternating order (scratch first, then
 init_from first, ...), so the machine's load hits both alike. Each arm is `python train.py data=file data.path=TEXT
-trainer.max_time=BUDGET` (the default recipe from scratch; `init_from=base` plus --init-args for the other), and is
-scored by `python eval.py` on its best checkpoint over the whole validation split (the text's last 10%).
+trainer.max_time=BUDGET` plus --args (the default recipe from scratch, keeping case: data.lowercase=false), and
+`init_from=base` plus --init-args on top for the other; each is scored by `python eval.py` on its best checkpoint
+over the whole validation split (the text's last 10%).
 
     python benchmarks/finetune_bench.py                      # licenses: 30 s, 90 s, 5 min; code: 30 s, 90 s
     python benchmarks/finetune_bench.py --plan licenses:30 --init-args model.lr=0.001
@@ -111,6 +112,7 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", default=DEFAULT_PLAN, help=f"TEXT:SECONDS,... separated by spaces [{DEFAULT_PLAN}]")
+    parser.add_argument("--args", default="data.lowercase=false", help="overrides of both arms [data.lowercase=false]")
     parser.add_argument("--init-args", default="", help="overrides of the init_from arm besides init_from=base")
     parser.add_argument("--name", default="finetune_bench", help="results file name under benchmarks/results/")
     parser.add_argument("--arms", default="scratch,init", help="which arms to run (scratch, init) [scratch,init]")
@@ -118,7 +120,8 @@ def main() -> None:
     texts = build_texts(ROOT / "data" / "finetune")
     init_args = ["init_from=base", *args.init_args.split()]
     results = {"machine": machine_line(), "init_args": init_args, "rows": [],
-               "scratch_command": "python train.py data=file data.path=TEXT trainer.max_time=BUDGET"}  # fmt: skip
+               "scratch_command": f"python train.py data=file data.path=TEXT trainer.max_time=BUDGET {args.args}"
+               }  # fmt: skip
     print(results["machine"], flush=True)
     order = 0
     with tempfile.TemporaryDirectory(prefix="finetune_bench-") as tmp:
@@ -126,7 +129,8 @@ def main() -> None:
             name, budgets = item.split(":")
             for seconds in map(int, budgets.split(",")):
                 row = {"text": name, "text_chars": CHARS, "budget_s": seconds}
-                arms = [a for a in [("scratch", []), ("init", init_args)] if a[0] in args.arms.split(",")]
+                both = args.args.split()
+                arms = [a for a in [("scratch", both), ("init", [*both, *init_args])] if a[0] in args.arms.split(",")]
                 for arm, extra in arms if order % 2 == 0 else arms[::-1]:  # alternate which arm goes first
                     row[arm] = run_arm(texts[name], seconds, extra, Path(tmp) / f"{name}-{seconds}-{arm}")
                     print(f"{name} {seconds:>4} s {arm:>8}: val bpc {row[arm]['val_bpc']:.4f}  "

@@ -136,3 +136,18 @@ def check_normalized(value: str, encoding: str, old: list[str], new: list[str]) 
             f"init_from={value} reads normalized ids (id / vocabulary size) and this text changes its vocabulary "
             f"({len(old)} -> {len(new)} chars); fine-tune a text with the same chars, or start from an embedding model"
         )
+
+
+def export(src: str | os.PathLike[str], dest: str | os.PathLike[str], half: bool = True) -> Path:
+    """A checkpoint made small enough to ship: the hyperparameters and the network's weights (fp16 with ``half``),
+    without optimizer state or training loops. It loads like any checkpoint (eval.py, generate.py, init_from)."""
+    ckpt = checkpoint.load(src)
+    state = {k: (v.half() if half and v.is_floating_point() else v).clone()
+             for k, v in ckpt["state_dict"].items() if k.startswith(checkpoint.NET_PREFIX)}  # fmt: skip
+    small = {"hyper_parameters": ckpt["hyper_parameters"], "state_dict": state,
+             "epoch": ckpt.get("epoch", 0), "global_step": ckpt.get("global_step", 0),
+             "pytorch-lightning_version": ckpt.get("pytorch-lightning_version")}  # fmt: skip
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(small, dest)
+    return dest
