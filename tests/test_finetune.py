@@ -147,7 +147,7 @@ def test_init_from_a_missing_file_is_one_line(tmp_path):
 
 # -- the shipped base model ---------------------------------------------------------------------------------------
 def recorded_score() -> float:
-    readme = (finetune.base_path().parents[1] / "README.md").read_text()
+    readme = (finetune.base_path().parents[2] / "README.md").read_text()
     return float(re.search(r"validation bits/char: ([0-9.]+)", readme).group(1))
 
 
@@ -165,3 +165,12 @@ def test_the_shipped_base_reproduces_its_recorded_score_with_eval_py(tmp_path):
     out = tmp_path / "score.json"
     ok(run_cli("eval.py", f"ckpt={finetune.base_path()}", "windows=run", f"output={out}", cwd=ROOT))
     assert abs(json.loads(out.read_text())["bits_per_char"] - recorded_score()) <= 1e-3
+
+
+def test_the_base_model_files_are_package_data_of_the_installed_package():
+    import tomllib
+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["charlstm"]
+    package = ROOT / "src" / "charlstm"
+    assert str(finetune.base_path().relative_to(package)) in listed
+    assert all((package / name).is_file() for name in listed)
