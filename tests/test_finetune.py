@@ -174,3 +174,16 @@ def test_the_base_model_files_are_package_data_of_the_installed_package():
     package = ROOT / "src" / "charlstm"
     assert str(finetune.base_path().relative_to(package)) in listed
     assert all((package / name).is_file() for name in listed)
+
+
+@pytest.mark.slow
+def test_a_run_started_from_init_from_resumes_with_its_vocabulary_and_origin(base_ckpt, text_file, tmp_path):
+    text = text_file("x = {'a': [1, 2]}  # new chars\n" * 80)
+    shape = ["model.units=16", "model.embed_dim=8", "data.lowercase=false", "callbacks.text_sample=null"]
+    run = tmp_path / "run"
+    ok(run_cli("train.py", *SHRINK, *shape, "data=file", f"data.path={text}", f"init_from={base_ckpt}",
+               "trainer.max_steps=3", "trainer.max_epochs=-1", f"hydra.run.dir={run}", cwd=tmp_path))  # fmt: skip
+    ok(run_cli("train.py", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=6", cwd=tmp_path))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6 and ckpt["hyper_parameters"]["init_from"] == str(base_ckpt.resolve())
+    assert "{" in ckpt["hyper_parameters"]["vocab"] and set(ckpt["hyper_parameters"]["vocab"]) > set("ABC")

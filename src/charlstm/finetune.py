@@ -35,7 +35,7 @@ def base_path() -> Path:
     return Path(str(files("charlstm").joinpath(*BASE_RUN, "checkpoints", BASE_FILE)))
 
 
-def resolve(value: str | os.PathLike[str]) -> Path:
+def resolve(value: str | os.PathLike[str], outputs_root: str | os.PathLike[str] = "outputs") -> Path:
     """``base`` -> the shipped base model; otherwise a checkpoint path (or ``last``, the newest last.ckpt)."""
     if str(value) == BASE:
         path = base_path()
@@ -45,7 +45,7 @@ def resolve(value: str | os.PathLike[str]) -> Path:
             )
         return path
     try:
-        return checkpoint.resolve(value)
+        return checkpoint.resolve(value, outputs_root)
     except CheckpointError as err:
         raise CheckpointError(str(err).replace("ckpt=", "init_from=")) from None
 
@@ -115,9 +115,9 @@ def transfer(net: CharLSTM, state: dict[str, torch.Tensor], old: list[str], new:
     net.load_state_dict(loaded, strict=True)
 
 
-def load(value: str) -> tuple[Path, dict[str, Any]]:
+def load(value: str, outputs_root: str | os.PathLike[str] = "outputs") -> tuple[Path, dict[str, Any]]:
     """The checkpoint ``init_from`` names, loaded safely (``weights_only=True``) and checked to build a network."""
-    path = resolve(value)
+    path = resolve(value, outputs_root)
     ckpt = checkpoint.load(path)
     checkpoint.build_net(ckpt, path)  # refuses a file whose weights do not fit its own hyperparameters
     return path, ckpt

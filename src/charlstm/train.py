@@ -553,7 +553,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     init = None  # init_from (a new run only: a resumed one has its own weights): the checkpoint and its name
     if cfg.get("init_from") and ckpt_path is None:
-        init_path, init_ckpt = finetune.load(str(cfg.init_from))
+        init_path, init_ckpt = finetune.load(str(cfg.init_from), cfg.paths.outputs_root)
         finetune.check_compatible(str(cfg.init_from), init_ckpt["hyper_parameters"], cfg.model, cfg.data.lowercase)
         init = (str(cfg.init_from), init_ckpt)
         with open_dict(cfg):  # recorded in config.yaml, HParams and the checkpoints as what it resolved to
