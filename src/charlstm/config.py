@@ -144,6 +144,7 @@ TRAIN_RULES: dict[str, Rule] = {
     # the run
     "seed": ("int?", lambda v: v >= 0, "null or an integer >= 0"),
     "ckpt_path": ("str?", lambda v: v.strip() != "", "null, last or a path to a .ckpt file"),
+    "init_from": ("str?", lambda v: v.strip() != "", "null, base, last or a path to a .ckpt file"),
     "sample.prompt": ("str", None, "a string"),
     "sample.length": INT_GE0,
     "sample.temperature": ("float", lambda v: v >= 0, "a number >= 0 (0 is greedy)"),
@@ -252,8 +253,8 @@ def check_known_keys(cfg: DictConfig, sections: tuple[str, ...] = ("data", "mode
 
 # The top-level keys of configs/train.yaml and its groups (hparams_search adds optuna); any other comes from a typo in
 # a config file, e.g. `modle:` in a recipe (a typo on the command line Hydra refuses itself)
-TOP_LEVEL_KEYS = ("task_name", "seed", "ckpt_path", "optimized_metric", "sample", "data", "model", "trainer",
-                  "callbacks", "logger", "paths", "optuna")  # fmt: skip
+TOP_LEVEL_KEYS = ("task_name", "seed", "ckpt_path", "init_from", "optimized_metric", "sample", "data", "model",
+                  "trainer", "callbacks", "logger", "paths", "optuna")  # fmt: skip
 
 
 def check_top_level(cfg: DictConfig, overrides: list[str]) -> None:

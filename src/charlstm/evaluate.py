@@ -48,12 +48,14 @@ class Score:
     context: int
     checkpoint: str
     text: str
+    init_from: str | None = None  # the checkpoint its training started from (init_from), if any
 
     def line(self) -> str:
         skipped = f"   {self.skipped} unknown char(s) skipped" if self.skipped else ""
+        origin = f"   initialised from {self.init_from}" if self.init_from else ""
         return (
             f"bits/char {self.bits_per_char:.4f}   nats/char {self.nats_per_char:.4f}   "
-            f"perplexity {self.perplexity:.3f}   chars scored {self.chars}{skipped}"
+            f"perplexity {self.perplexity:.3f}   chars scored {self.chars}{skipped}{origin}"
         )
 
 
@@ -182,7 +184,7 @@ def evaluate(cfg: DictConfig) -> Score:
         raise CorpusError(f"{where} has no char to score after its first {context}; pass a longer text")
     nats = total / count
     perplexity = math.exp(nats) if nats < 709 else math.inf  # exp overflows a float past e**709
-    score = Score(nats / LN2, nats, perplexity, count, skipped, context, str(path), where)
+    score = Score(nats / LN2, nats, perplexity, count, skipped, context, str(path), where, hp.get("init_from"))
     if cfg.get("output"):
         write_output(str(cfg.output), json.dumps(asdict(score), indent=2) + "\n")
     return score

@@ -53,6 +53,7 @@ class CharLSTMModule(pl.LightningModule):
         seq_len: int = 50,
         layout: str = "windows",
         lowercase: bool = True,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in ("adam", "adamw"):

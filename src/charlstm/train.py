@@ -23,7 +23,7 @@ from pytorch_lightning.callbacks import Checkpoint, LearningRateMonitor, ModelCh
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from charlstm import checkpoint, cluster
+from charlstm import checkpoint, cluster, finetune
 from charlstm.callbacks import ConfigHParams, NewLearningRate, check_prompt, sample_prompt
 from charlstm.cli import command_line
 from charlstm.config import check_top_level, validate_train
@@ -512,6 +512,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if overrides is not None:  # composed by Hydra from the config files (a caller's config may add its own keys)
         check_top_level(cfg, overrides)
     recipe = None
+    if cfg.get("ckpt_path") and cfg.get("init_from"):
+        raise ConfigError(
+            f"init_from={cfg.init_from} and ckpt_path={cfg.ckpt_path} together: ckpt_path resumes a run (its weights, "
+            "optimizer and schedule), init_from starts a new run from a checkpoint's weights; pass only one"
+        )
     if cfg.get("ckpt_path") and overrides is not None:
         run_dir = run_folder_of(resolve_resume(cfg))
         if run_dir is not None:
@@ -548,12 +553,35 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    init = None  # init_from (a new run only: a resumed one has its own weights): the checkpoint and its name
+    if cfg.get("init_from") and ckpt_path is None:
+        init_path, init_ckpt = finetune.load(str(cfg.init_from), cfg.paths.outputs_root)
+        finetune.check_compatible(str(cfg.init_from), init_ckpt["hyper_parameters"], cfg.model, cfg.data.lowercase)
+        init = (str(cfg.init_from), init_ckpt)
+        with open_dict(cfg):  # recorded in config.yaml, HParams and the checkpoints as what it resolved to
+            cfg.init_from = finetune.describe(str(cfg.init_from), init_path)
     datamodule = instantiate(cfg.data, _convert_="all")
     vocab = datamodule.load()
+    if init is not None:  # the checkpoint's chars and the text's: see charlstm.finetune
+        old_chars = list(init[1]["hyper_parameters"]["vocab"])
+        chars = finetune.extended_vocab(old_chars, vocab.to_list())
+        finetune.check_normalized(init[0], str(cfg.model.encoding), old_chars, chars)
+        if chars != vocab.to_list():
+            with open_dict(cfg):  # config.yaml keeps it, so a resume or eval.py numbers chars the same way
+                cfg.data.vocab = chars
+            datamodule = instantiate(cfg.data, _convert_="all")
+            vocab = datamodule.load()
     model = instantiate(
         cfg.model, _convert_="all", vocab=vocab.to_list(), seq_len=cfg.data.seq_len, layout=cfg.data.layout,
-        lowercase=cfg.data.lowercase,
+        lowercase=cfg.data.lowercase, init_from=cfg.get("init_from"),
     )  # fmt: skip
+    if init is not None:
+        old_chars = list(init[1]["hyper_parameters"]["vocab"])
+        finetune.transfer(model.net, finetune.net_state(init[1]), old_chars, vocab.to_list(), init[0])
+        log.info("init_from=%s: weights of %s (%d chars; %d new in this text: %s)", init[0], cfg.init_from,
+                 len(old_chars), len(vocab) - len(old_chars),
+                 char_list(sorted(set(vocab.to_list()) - set(old_chars)), 12) or "none")  # fmt: skip
+        del init
     if ckpt is not None:
         check_resume_compatible(ckpt_path, ckpt, model)
     if cfg.sample.length > 0 and cfg.sample.prompt:
