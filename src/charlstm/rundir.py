@@ -22,7 +22,7 @@ import shutil
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -251,6 +251,25 @@ RUN_FILES = ("config.yaml",)
 _held: dict[Path, Any] = {}
 
 
+def take_lock(path: Path, record: str) -> IO[str] | None:
+    """An exclusive ``flock`` on the file ``path`` (made if missing), with ``record`` written in it; the open file,
+    which holds the lock until it is closed or the process ends (the kernel drops it even after kill -9, so nothing
+    stale is left), or None when another process holds it (its record stays readable in the file)."""
+    fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 -- kept open: the lock lives with it
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        fh.close()
+        if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        return None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(record)
+    fh.flush()
+    return fh
+
+
 class RunFolderBusy(ConfigError):
     """Another process is training into the run folder."""
 
@@ -266,21 +285,11 @@ def hold(folder: str | os.PathLike[str], resuming: bool = False) -> None:
     if folder in _held:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    fh = open(folder / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 -- kept open: the lock lives with it
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            raise
-        fh.seek(0)
-        pid = fh.read().strip() or "unknown"
-        fh.close()
+    fh = take_lock(folder / LOCK_FILE, f"{os.getpid()}\n")
+    if fh is None:
+        pid = (folder / LOCK_FILE).read_text(encoding="utf-8").strip() or "unknown"
         fix = "wait for it to end or stop it, then resume" if resuming else "choose another hydra.run.dir"
-        raise RunFolderBusy(f"run folder {folder} is in use: process {pid} is training into it; {fix}") from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"{os.getpid()}\n")
-    fh.flush()
+        raise RunFolderBusy(f"run folder {folder} is in use: process {pid} is training into it; {fix}")
     let_go()  # one folder at a time: a process that trains again (a test, a sweep's next job) gives the last one back
     _held[folder] = fh
 
@@ -321,11 +330,16 @@ def load_run_config(run_dir: Path, otherwise: str = "start a new run") -> DictCo
     return saved
 
 
+def holds_a_run(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` is a run's folder (its settings, ``config.yaml``, are there)."""
+    return all((Path(folder) / f).is_file() for f in RUN_FILES)
+
+
 def run_folder_of(ckpt_path: str | os.PathLike[str]) -> Path | None:
     """The run folder a checkpoint belongs to (``RUN/checkpoints/x.ckpt`` beside ``RUN/config.yaml``), if any."""
     ckpt_path = Path(ckpt_path)
     run = ckpt_path.parent.parent
-    if ckpt_path.parent.name == "checkpoints" and all((run / f).is_file() for f in RUN_FILES):
+    if ckpt_path.parent.name == "checkpoints" and holds_a_run(run):
         return run
     return None
 
@@ -383,7 +397,7 @@ def _run_dir(ckpt_path: Any, outputs_root: Any, base: str) -> str:
 def _hydra_subdir(output_dir: str) -> str | None:
     """Where Hydra saves this command's composed config: ``.hydra``, except in a folder that already holds a run
     (a resume), whose own ``.hydra`` is kept as the run's first command made it."""
-    return None if all((Path(output_dir) / f).is_file() for f in RUN_FILES) else ".hydra"
+    return None if holds_a_run(output_dir) else ".hydra"
 
 
 def _unique_dir(base: str, kind: str = "run") -> str:

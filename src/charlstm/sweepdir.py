@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from charlstm.errors import ConfigError
-from charlstm.rundir import SWEEP_LOCK
+from charlstm.rundir import SWEEP_LOCK, take_lock
 
 # sweep folder -> the open lock file of the sweep this process runs there
-_held: dict[Path, int] = {}
+_held: dict[Path, IO[str]] = {}
 
 
 def _read(sweep_dir: Path) -> dict[str, Any]:
@@ -26,33 +26,26 @@ def _read(sweep_dir: Path) -> dict[str, Any]:
 
 def hold(sweep_dir: str | os.PathLike[str]) -> None:
     """Take ``sweep_dir`` for the multirun this process runs, or refuse in one line when another sweep runs there."""
-    import fcntl
-
     sweep_dir = Path(sweep_dir)
     if sweep_dir.resolve() in _held:
         return
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(sweep_dir / SWEEP_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    earlier = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    fh = take_lock(sweep_dir / SWEEP_LOCK, json.dumps({"pid": os.getpid(), "earlier_jobs": earlier}) + "\n")
+    if fh is None:
         holder = _read(sweep_dir).get("pid", "unknown")
         raise ConfigError(
             f"hydra.sweep.dir={sweep_dir} is in use by another sweep (process {holder}); wait for it to end, or give "
             "this one another hydra.sweep.dir"
-        ) from None
-    earlier = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    os.ftruncate(fd, 0)
-    os.write(fd, (json.dumps({"pid": os.getpid(), "earlier_jobs": earlier}) + "\n").encode())
-    _held[sweep_dir.resolve()] = fd
+        )
+    _held[sweep_dir.resolve()] = fh
 
 
 def release(sweep_dir: str | os.PathLike[str]) -> None:
     """Let another sweep use ``sweep_dir`` (the end of this process does the same)."""
-    fd = _held.pop(Path(sweep_dir).resolve(), None)
-    if fd is not None:
-        os.close(fd)
+    fh = _held.pop(Path(sweep_dir).resolve(), None)
+    if fh is not None:
+        fh.close()
 
 
 def earlier_jobs(sweep_dir: str | os.PathLike[str]) -> set[str]:

@@ -38,7 +38,7 @@ from charlstm.errors import (
     process_rank,
 )
 from charlstm.fileio import atomic_write_text
-from charlstm.hardware import check_fits, default_precision, resolve_precision
+from charlstm.hardware import check_fits, resolve_precision
 from charlstm.jobranks import sweep_job_ranks
 from charlstm.logs import quiet_known_warnings, route_library_logs
 from charlstm.net import sequence_bytes
@@ -50,6 +50,7 @@ from charlstm.rundir import (
     check_moved_corpus,
     hold,
     holds,
+    holds_a_run,
     load_run_config,
     override_key,
     run_folder_of,
@@ -487,9 +488,7 @@ def check_batch_fits(cfg: DictConfig, net: Any) -> None:
     before any folder holds more than its config (a batch too large fails at once, in one line naming the key)."""
     accelerator = str(cfg.trainer.accelerator)
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    precision = str(cfg.trainer.precision)
-    if precision == "auto":  # as resolve_precision will choose (16-bit on a GPU)
-        precision = "16-mixed" if gpu else default_precision()
+    precision = str(cfg.trainer.precision)  # resolved already (resolve_precision)
     elem = 2 if "16" in precision else 8 if "64" in precision else 4
     seq_len = int(cfg.data.seq_len)
     every_char = cfg.data.layout == "streams" or cfg.data.get("targets") == "all"
@@ -545,7 +544,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     out = Path(cfg.paths.output_dir)
     new_run_here = ckpt_path is None and overrides is not None and sweep_job() is None and not cluster.requeue_count()
     new_run_here = new_run_here and process_rank() == 0  # DDP ranks > 0 start once rank 0 has written config.yaml
-    if new_run_here and (out / "config.yaml").is_file():  # an explicit hydra.run.dir of an earlier run: files would mix
+    if new_run_here and holds_a_run(out):  # an explicit hydra.run.dir of an earlier run: files would mix
         raise ConfigError(
             f"run folder {out} already holds a run; resume it with ckpt_path={out / 'checkpoints' / 'last.ckpt'}, "
             "or choose another hydra.run.dir"
@@ -562,8 +561,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             cfg.init_from = finetune.describe(str(cfg.init_from), init_path)
     datamodule = instantiate(cfg.data, _convert_="all")
     vocab = datamodule.load()
+    old_chars = list(init[1]["hyper_parameters"]["vocab"]) if init is not None else []
     if init is not None:  # the checkpoint's chars and the text's: see charlstm.finetune
-        old_chars = list(init[1]["hyper_parameters"]["vocab"])
         chars = finetune.extended_vocab(old_chars, vocab.to_list())
         finetune.check_normalized(init[0], str(cfg.model.encoding), old_chars, chars)
         if chars != vocab.to_list():
@@ -576,7 +575,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         lowercase=cfg.data.lowercase, init_from=cfg.get("init_from"),
     )  # fmt: skip
     if init is not None:
-        old_chars = list(init[1]["hyper_parameters"]["vocab"])
         finetune.transfer(model.net, finetune.net_state(init[1]), old_chars, vocab.to_list(), init[0])
         log.info("init_from=%s: weights of %s (%d chars; %d new in this text: %s)", init[0], cfg.init_from,
                  len(old_chars), len(vocab) - len(old_chars),
@@ -590,6 +588,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         check_prompt(Generator.from_module(model), cfg.sample.prompt, "sample.prompt")
     fit_val_interval(cfg, datamodule)
     fit_log_interval(cfg, datamodule)
+    with open_dict(cfg):  # `auto`: bf16-mixed where the CPU has native bf16, else 32-true (one log line)
+        cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     check_batch_fits(cfg, model.net)
     out = Path(cfg.paths.output_dir)
     callbacks = instantiate_named(cfg.get("callbacks"))
@@ -615,8 +615,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     loggers = instantiate_loggers(cfg.get("logger"), purge_step=step + 1 if ckpt is not None else None)
     if not loggers:  # logger=none: nothing to monitor the learning rate into (Lightning would refuse to start)
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
-    with open_dict(cfg):  # `auto`: bf16-mixed where the CPU has native bf16, else 32-true (one log line)
-        cfg.trainer.precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     if cfg.trainer.get("enable_model_summary", True):
         callbacks.append(ModelLine())  # the project's one line instead of Lightning's table
     trainer = build_trainer(cfg, callbacks, loggers, enable_progress_bar=show_bar, enable_model_summary=False)
@@ -812,7 +810,7 @@ def run(cfg: DictConfig) -> float | None:
     quiet_known_warnings()
     started = time.monotonic()
     folder, job = hydra_run_dir(), sweep_job()
-    resuming = folder is not None and (folder / "config.yaml").is_file()  # a resume runs in the run's own folder
+    resuming = folder is not None and holds_a_run(folder)  # a resume runs in the run's own folder
     try:
         try:
             search_needs_multirun(cfg)
