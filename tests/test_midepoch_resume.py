@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -42,17 +41,6 @@ class Steps(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = float(outputs["loss"])
         self.rows.append((trainer.global_step, trainer.current_epoch, batch_idx, loss, int(batch[1].sum())))
-
-
-class CopyAtStep(pl.Callback):
-    """Copies last.ckpt as it is when step ``step`` begins (written there by a periodic save inside the epoch)."""
-
-    def __init__(self, src: str, dst: str, step: int) -> None:
-        self.src, self.dst, self.step = src, dst, step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and not Path(self.dst).exists():
-            shutil.copy(self.src, self.dst)
 
 
 def run(make_cfg, folder: Path, *overrides: str, **callbacks) -> tuple[dict, list[tuple], list[str]]:
@@ -114,7 +102,7 @@ def test_a_checkpoint_written_inside_an_epoch_resumes_at_its_batch_without_light
 ):
     recipe = (*LAYOUTS["windows"], "data.num_workers=2") if layout == "windows-workers" else LAYOUTS[layout]
     copy = tmp_path / "step-7.ckpt"
-    saver = {"_target_": f"{__name__}.CopyAtStep", "step": 7, "dst": str(copy),
+    saver = {"_target_": "tests.test_resume.CopyCheckpoint", "step": 7, "dst": str(copy),
              "src": str(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt")}  # fmt: skip
     a, a_steps, _ = run(
         make_cfg, tmp_path / "a", *recipe, "callbacks.last_checkpoint.every_n_train_steps=7", copy=saver

@@ -20,14 +20,16 @@ from charlstm.train import train
 EXACT = ("trainer.deterministic=true", "sample.length=0", "data.max_chars=2000")
 
 
-class CopyAtEpochStart(pl.Callback):
-    """Copies the run's last.ckpt as it is when epoch ``epoch`` starts (the previous epoch's end state)."""
+class CopyCheckpoint(pl.Callback):
+    """Copies the run's last.ckpt as it is when epoch ``epoch`` starts (the previous epoch's end state), or when step
+    ``step`` begins (written there by a periodic save inside the epoch)."""
 
-    def __init__(self, src: str, dst: str, epoch: int) -> None:
-        self.src, self.dst, self.epoch = src, dst, epoch
+    def __init__(self, src: str, dst: str, epoch: int | None = None, step: int | None = None) -> None:
+        self.src, self.dst, self.epoch, self.step = src, dst, epoch, step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.current_epoch == self.epoch and not Path(self.dst).exists():
+        now = trainer.current_epoch if self.epoch is not None else trainer.global_step
+        if now == (self.epoch if self.epoch is not None else self.step) and not Path(self.dst).exists():
             shutil.copy(self.src, self.dst)
 
 
@@ -35,7 +37,7 @@ def copy_at_epoch_start(cfg, folder: Path, epoch_end: Path) -> None:
     """Have the run in ``folder`` copy its last.ckpt to ``epoch_end`` as its second epoch starts (the state a crash
     right after the first epoch would leave)."""
     with open_dict(cfg):
-        cfg.callbacks.copy = {"_target_": f"{__name__}.CopyAtEpochStart", "epoch": 1, "dst": str(epoch_end),
+        cfg.callbacks.copy = {"_target_": "tests.test_resume.CopyCheckpoint", "epoch": 1, "dst": str(epoch_end),
                               "src": str(folder / "run" / "checkpoints" / "last.ckpt")}  # fmt: skip
 
 
