@@ -531,16 +531,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     ckpt_path, ckpt = None, None
     if cfg.get("ckpt_path"):
         ckpt_path = resolve_resume(cfg)
-        ckpt = checkpoint.load(ckpt_path)
-        check_resume_has_work(cfg, ckpt_path, ckpt)
         run_dir = run_folder_of(ckpt_path)
         if run_dir is not None:
             # Continue in the checkpoint's run folder: checkpoints and TensorBoard curves carry on in place.
             with open_dict(cfg):
                 cfg.paths.output_dir = str(run_dir)
     # one process trains in a run folder: a second (a resume of a running run, a run given the same hydra.run.dir)
-    # is refused here, before it reads its data or writes anything
+    # is refused here, before it reads its checkpoint or data (a running run's checkpoint keeps moving) or writes
     hold(cfg.paths.output_dir, resuming=ckpt_path is not None)
+    if ckpt_path is not None:
+        ckpt = checkpoint.load(ckpt_path)
+        check_resume_has_work(cfg, ckpt_path, ckpt)
     out = Path(cfg.paths.output_dir)
     new_run_here = ckpt_path is None and overrides is not None and sweep_job() is None and not cluster.requeue_count()
     new_run_here = new_run_here and process_rank() == 0  # DDP ranks > 0 start once rank 0 has written config.yaml
