@@ -37,8 +37,8 @@ eval: install ## bits/char of the newest run's last.ckpt on its validation text 
 test: install ## run the test suite (one worker per core; make test ARGS='-n 0 -k resume' for one process)
 	$(PY) -m pytest -q -n auto $(ARGS)
 
-lint: install ## ruff lint and format check
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+lint: install ## ruff lint and format check, and the import contract between the layers (lint-imports)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 format: install ## ruff fix and format
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from charlstm.hardware import cpu_capability
+from charlstm.core.hardware import cpu_capability
 
 
 def machine_line(threads: int | None = None) -> str:
-    """The CPU capability line (AVX2 / AVX-512 / bf16 / AMX, as charlstm.hardware reads it), torch's threads,
+    """The CPU capability line (AVX2 / AVX-512 / bf16 / AMX, as charlstm.core.hardware reads it), torch's threads,
     Python, and the load average (other processes on the cores) at the time it is printed."""
     threads = torch.get_num_threads() if threads is None else threads
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -62,7 +62,7 @@ def quiet() -> None:
     """Benchmark output without the libraries' per-run chatter (device inventory, tips, known warnings)."""
     import logging
 
-    from charlstm.logs import quiet_known_warnings
+    from charlstm.app.logs import quiet_known_warnings
 
     quiet_known_warnings()
     for name in ("pytorch_lightning", "lightning_fabric", "lightning"):

@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from charlstm.hardware import cpu_capability
-from charlstm.net import CharLSTM
-from charlstm.sampling import Generator
-from charlstm.vocab import CharVocab
+from charlstm.core.hardware import cpu_capability
+from charlstm.core.net import CharLSTM
+from charlstm.core.sampling import Generator
+from charlstm.core.vocab import CharVocab
 
 BUDGET_S = 8.0
 VOCAB = [*"\n !',-.:;?abcdefghijklmnopqrstuvwxyz", "&", "]"]  # 38 chars

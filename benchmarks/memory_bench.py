@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from charlstm.hardware import cpu_capability  # noqa: E402
+from charlstm.core.hardware import cpu_capability  # noqa: E402
 
 SIZES = {"10MB": 10_000_000, "100MB": 100_000_000, "400MB": 400_000_000, "1GB": 1_000_000_000, "4GB": 4_000_000_000}
 # recipe name -> overrides; every run: 20 steps, a 2000-window validation, a short sample
@@ -117,7 +117,7 @@ def measure(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict[s
 
 CHECK = """
 import sys, time
-from charlstm.prepared import prepare
+from charlstm.data.prepared import prepare
 started = time.perf_counter()
 prepare(sys.argv[1], sys.argv[2])
 print(time.perf_counter() - started)

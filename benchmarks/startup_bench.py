@@ -27,7 +27,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 def synthetic_checkpoint(path: Path) -> Path:
     """A checkpoint of the default recipe's shape (embedding, 2 x 256, 54 chars), untrained: start-up does not depend
     on the weights, and no training is needed to measure it."""
-    from charlstm.net import CharLSTM
+    from charlstm.core.net import CharLSTM
 
     vocab = sorted(set("\n !&',-.:;?[]abcdefghijklmnopqrstuvwxyz0123456789\"()"))
     net = CharLSTM(len(vocab), 256, 2, 0.25, "embedding", 64)
@@ -41,7 +41,7 @@ def commands(ckpt: Path) -> dict[str, list[str]]:
     py = sys.executable
     return {
         'python -c "import torch"': [py, "-c", "import torch"],
-        # the floor again without Python's final garbage collection, which the commands skip (charlstm.cli)
+        # the floor again without Python's final garbage collection, which the commands skip (charlstm.app.cli)
         'python -c "import torch" (final collection skipped)': [
             py, "-c", "import atexit, gc, torch; atexit.register(gc.freeze)",
         ],
@@ -54,7 +54,7 @@ def commands(ckpt: Path) -> dict[str, list[str]]:
         "python generate.py ckpt=X length=1 hydra.verbose=false (through Hydra)": [
             py, str(ROOT / "generate.py"), f"ckpt={ckpt}", "length=1", "hydra.verbose=false",
         ],
-        'python -c "import charlstm.generate"': [py, "-c", "import charlstm.generate"],
+        'python -c "import charlstm.app.generate"': [py, "-c", "import charlstm.app.generate"],
         "python train.py --help": [py, str(ROOT / "train.py"), "--help"],
         "python train.py --cfg job": [py, str(ROOT / "train.py"), "--cfg", "job"],
     }  # fmt: skip

@@ -26,9 +26,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from charlstm.hardware import cpu_capability
-from charlstm.net import encode_inputs
-from charlstm.train import train
+from charlstm.app.train import train
+from charlstm.core.hardware import cpu_capability
+from charlstm.core.net import encode_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -231,7 +231,7 @@ def bench_curve(name: str, recipe: list[str], budget_s: float, tmp: Path, val_wi
              f"data.val_max_windows={val_windows}", "callbacks.early_stopping=null"]  # fmt: skip
     cfg = config([*recipe, *extra], tmp / f"curve-{name}")
     curve = _Curve()
-    from charlstm import train as train_mod
+    from charlstm.app import train as train_mod
 
     original = train_mod.instantiate_named
 
@@ -253,7 +253,7 @@ def bench_curve(name: str, recipe: list[str], budget_s: float, tmp: Path, val_wi
 def full_val_bpc(cfg: DictConfig, ckpt: str, datamodule) -> float:
     datamodule.val_max_windows = None
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    from charlstm.model import CharLSTMModule
+    from charlstm.training.model import CharLSTMModule
 
     ckpt_data = torch.load(ckpt, map_location="cpu", weights_only=True)
     module = CharLSTMModule(**ckpt_data["hyper_parameters"])

@@ -1,7 +1,7 @@
 """``python tests/dry_submit.py ARGS`` runs ``python train.py ARGS`` as a SLURM login node would, up to the sbatch
 call: Hydra's sweeper, the project's launcher and submitit's executor all run for real; the jobs are not sent.
 What would have been sent is written as JSON to $DRY_SUBMIT_OUT (when set): the sbatch script, the executor's settings
-and each job's composed config (checked by charlstm.config.validate_train, as the job itself would)."""
+and each job's composed config (checked by charlstm.app.config.validate_train, as the job itself would)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class NotSent:
 def map_array(executor: Any, launcher: Any, *iterables: Any) -> list[NotSent]:
     from omegaconf import OmegaConf
 
-    from charlstm.config import validate_train
+    from charlstm.app.config import validate_train
 
     inner = executor._executor
     jobs = []
@@ -57,7 +57,7 @@ def map_array(executor: Any, launcher: Any, *iterables: Any) -> list[NotSent]:
 def main() -> None:
     import submitit
 
-    from charlstm.cli import hydra_entry
+    from charlstm.app.cli import hydra_entry
 
     # submitit's SLURM executor wants srun on PATH; it is never run here
     bin_dir = Path(tempfile.mkdtemp(prefix="dry-slurm-"))
@@ -66,7 +66,7 @@ def main() -> None:
     os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
     submitit.AutoExecutor.map_array = map_array  # type: ignore[method-assign]
     sys.argv[0] = str(ROOT / "train.py")
-    hydra_entry(ROOT / "configs", "train", "charlstm.train:run")
+    hydra_entry(ROOT / "configs", "train", "charlstm.app.train:run")
 
 
 if __name__ == "__main__":

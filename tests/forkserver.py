@@ -33,7 +33,7 @@ _IGNORED = {"PYTHONUNBUFFERED"}  # the server's output is unbuffered; a child's 
 _PRELOAD = """
 import torch, pytorch_lightning, hydra, omegaconf, rich
 import torch.utils.tensorboard
-import charlstm.train, charlstm.generate, charlstm.evaluate, charlstm.summary, charlstm.cli
+import charlstm.app.train, charlstm.app.generate, charlstm.app.evaluate, charlstm.app.summary, charlstm.app.cli
 """
 
 _SERVER = r"""

@@ -14,9 +14,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from charlstm import checkpoint
-from charlstm.errors import CheckpointError
-from charlstm.model import CharLSTMModule
+from charlstm.core import checkpoint
+from charlstm.core.errors import CheckpointError
+from charlstm.training.model import CharLSTMModule
 
 VOCAB = list("\n abcdefghij")
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from charlstm.cli import literal_args, plain_config
+from charlstm.app.cli import literal_args, plain_config
 from tests.conftest import CONFIG_DIR, compose_cfg
 
 SAME_AS_HYDRA = [
@@ -104,7 +104,7 @@ def test_generate_command_reads_the_plain_line_without_hydra(tmp_path):
     """The entry point itself: a plain line never imports Hydra; a line with a Hydra feature does."""
     code = (
         "import json, sys\n"
-        "from charlstm.cli import hydra_entry\n"
+        "from charlstm.app.cli import hydra_entry\n"
         f"hydra_entry({str(CONFIG_DIR)!r}, 'generate', 'builtins:print', plain=True)\n"  # the task prints the config
         "print(json.dumps('hydra' in sys.modules))\n"
     )
@@ -135,7 +135,7 @@ def test_a_command_freezes_its_objects_out_of_the_final_collection_after_every_e
         "import atexit, gc\n"
         # registered before the entry point: runs after its handler (exit handlers run last-in, first-out)
         "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0, flush=True))\n"
-        "from charlstm.cli import hydra_entry\n"
+        "from charlstm.app.cli import hydra_entry\n"
         f"hydra_entry({str(CONFIG_DIR)!r}, 'generate', 'task:run', plain=True)\n"
     )
     done = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,

@@ -17,11 +17,11 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from charlstm import checkpoint
-from charlstm.cli import command_line
-from charlstm.cluster import REQUEUE_ENV, check_allocation, hand_over, requeued_checkpoint
-from charlstm.errors import ConfigError, JobFailed, TrainingInterrupted, process_rank
-from charlstm.train import train
+from charlstm.app.cli import command_line
+from charlstm.app.cluster import REQUEUE_ENV, check_allocation, hand_over, requeued_checkpoint
+from charlstm.app.train import train
+from charlstm.core import checkpoint
+from charlstm.core.errors import ConfigError, JobFailed, TrainingInterrupted, process_rank
 from tests import forkserver
 from tests.cli import ROOT, ok, one_line_error, run_cli, run_folders
 from tests.conftest import TINY
@@ -238,7 +238,7 @@ def test_a_job_that_failed_is_one_line_naming_it_and_its_log(tmp_path, monkeypat
 def test_a_job_runs_in_the_folder_claimed_when_it_was_submitted_also_when_requeued(tmp_path, monkeypatch):
     import submitit
 
-    from charlstm import rundir
+    from charlstm.app import rundir
     from hydra_plugins.charlstm_launcher.launchers import LocalLauncher
 
     submitted = []

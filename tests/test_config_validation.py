@@ -11,9 +11,9 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
-from charlstm.config import check
-from charlstm.errors import ConfigError
-from charlstm.train import train
+from charlstm.app.config import check
+from charlstm.app.train import train
+from charlstm.core.errors import ConfigError
 from tests import forkserver
 from tests.conftest import compose_cfg
 
@@ -87,7 +87,7 @@ def test_bad_value_is_refused_in_one_line_before_any_work(make_cfg, tmp_path, ov
 
 
 def test_good_values_at_the_edges_pass(make_cfg):
-    from charlstm.config import validate_train
+    from charlstm.app.config import validate_train
 
     validate_train(make_cfg("model.dropout=0", "data.val_fraction=0.5", "sample.temperature=0", "sample.length=0",
                             "trainer.max_epochs=-1", "seed=null", "trainer.max_time=00:01:00:00"))  # fmt: skip
@@ -99,7 +99,10 @@ def test_unknown_key_in_a_recipe_is_named_with_a_suggestion(make_cfg):
         cfg.model.unitz = 3  # what an experiment file with a typo adds
     with pytest.raises(ConfigError) as info:
         train(cfg)
-    assert str(info.value) == "model.unitz is not a setting of charlstm.model.CharLSTMModule; did you mean model.units?"
+    assert (
+        str(info.value)
+        == "model.unitz is not a setting of charlstm.training.model.CharLSTMModule; did you mean model.units?"
+    )
 
 
 def test_unknown_key_on_the_command_line_is_refused_by_hydra():

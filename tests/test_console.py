@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from charlstm.train import train
+from charlstm.app.train import train
 from tests import forkserver
 from tests.cli import ROOT, SHRINK, cli_env, ok, on_a_terminal, one_line_error, run_cli, run_folders
 from tests.conftest import compose_cfg
@@ -185,7 +185,7 @@ def test_the_resume_line_works_as_printed_in_a_fresh_shell(tmp_path):
 
 
 def test_the_console_filter_keeps_device_lines_and_other_processes_info_lines_off(monkeypatch):
-    from charlstm.logs import ConsoleLines
+    from charlstm.app.logs import ConsoleLines
 
     def record(name: str, level: int, msg: str) -> logging.LogRecord:
         return logging.LogRecord(name, level, __file__, 1, msg, None, None)
@@ -195,7 +195,7 @@ def test_the_console_filter_keeps_device_lines_and_other_processes_info_lines_of
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     # Lightning's CUDA line (on a GPU: one per process) is device inventory, in train.log only
     assert not console.filter(record("pytorch_lightning.accelerators.cuda", logging.INFO, "LOCAL_RANK: 0 - CUDA_VI"))
-    assert console.filter(record("charlstm.train", logging.INFO, "training: recipe default"))
+    assert console.filter(record("charlstm.app.train", logging.INFO, "training: recipe default"))
     monkeypatch.setenv("LOCAL_RANK", "1")  # the second process of a DDP run: its start lines would repeat rank 0's
-    assert not console.filter(record("charlstm.train", logging.INFO, "training: recipe default"))
-    assert console.filter(record("charlstm.train", logging.WARNING, "something real"))
+    assert not console.filter(record("charlstm.app.train", logging.INFO, "training: recipe default"))
+    assert console.filter(record("charlstm.app.train", logging.WARNING, "something real"))

@@ -1,5 +1,6 @@
-"""The torch-only core (vocab, net, checkpoint, sampling, generate; windows, prepared and evaluate, which eval.py
-scores a text with) imports neither Lightning nor the DataModule."""
+"""generate.py and eval.py score and sample without the training layer: the core and data layers (and the
+generate/evaluate commands over them) load neither Lightning nor the DataModule. `lint-imports` (make lint) checks
+the same of every import, statically; this checks what a fresh interpreter really loads."""
 
 from __future__ import annotations
 
@@ -9,9 +10,23 @@ import sys
 
 import pytest
 
-CORE = ("charlstm.vocab", "charlstm.net", "charlstm.checkpoint", "charlstm.sampling", "charlstm.generate",
-        "charlstm.windows", "charlstm.prepared", "charlstm.evaluate")  # fmt: skip
-TRAINING_FLOOR = ("pytorch_lightning", "lightning_fabric", "lightning", "charlstm.data", "charlstm.model")
+CORE = (
+    "charlstm.core.vocab",
+    "charlstm.core.net",
+    "charlstm.core.checkpoint",
+    "charlstm.core.sampling",
+    "charlstm.app.generate",
+    "charlstm.data.windows",
+    "charlstm.data.prepared",
+    "charlstm.app.evaluate",
+)
+TRAINING_FLOOR = (
+    "pytorch_lightning",
+    "lightning_fabric",
+    "lightning",
+    "charlstm.training.datamodule",
+    "charlstm.training.model",
+)
 
 
 def loaded_after(code: str) -> set[str]:
@@ -29,11 +44,11 @@ def test_core_module_imports_no_training_floor(module):
 
 
 def test_sampling_and_generate_together_leave_lightning_out():
-    loaded = loaded_after("import charlstm.sampling, charlstm.generate")
+    loaded = loaded_after("import charlstm.core.sampling, charlstm.app.generate")
     assert "pytorch_lightning" not in loaded
-    assert "charlstm.data" not in loaded
+    assert "charlstm.training.datamodule" not in loaded
 
 
 def test_the_check_sees_lightning_when_it_is_imported():
     # the same probe on the training floor must find it, or the tests above prove nothing
-    assert {"pytorch_lightning", "charlstm.data"} <= loaded_after("import charlstm.model")
+    assert {"pytorch_lightning", "charlstm.training.datamodule"} <= loaded_after("import charlstm.training.model")

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlstm import corpus
-from charlstm.corpus import CorpusError, check_file, corpus_file, fetch_url, markdown_to_text, play_text
-from charlstm.errors import CharLSTMError
-from charlstm.train import train
+from charlstm.app.train import train
+from charlstm.core.errors import CharLSTMError
+from charlstm.data import corpus
+from charlstm.data.corpus import CorpusError, check_file, corpus_file, fetch_url, markdown_to_text, play_text
 
 # -- local files ---------------------------------------------------------------------------------------------
 

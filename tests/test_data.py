@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from charlstm.data import CharDataModule, split_ids
-from charlstm.errors import CorpusError
-from charlstm.net import encode_inputs
-from charlstm.windows import StreamDataset, WindowDataset
+from charlstm.core.errors import CorpusError
+from charlstm.core.net import encode_inputs
+from charlstm.data.windows import StreamDataset, WindowDataset
+from charlstm.training.datamodule import CharDataModule, split_ids
 
 IDS = torch.arange(20, dtype=torch.uint8)
 
@@ -129,7 +129,7 @@ def test_under_ddp_each_rank_validates_its_own_share_and_every_window_once(tmp_p
 def test_under_ddp_each_rank_trains_on_its_share_of_rank_zeros_shuffle(tmp_path, text_file):
     from types import SimpleNamespace
 
-    from charlstm.windows import ShuffledWindows
+    from charlstm.data.windows import ShuffledWindows
 
     dm = CharDataModule(source="file", path=str(text_file("abcdefg" * 400)), data_dir=str(tmp_path), seq_len=5,
                         batch_size=8)  # fmt: skip
@@ -151,7 +151,7 @@ def test_under_ddp_each_rank_trains_on_its_share_of_rank_zeros_shuffle(tmp_path,
 
 
 def test_lightning_keeps_the_datamodules_samplers_under_ddp(make_cfg):
-    from charlstm.train import build_trainer
+    from charlstm.app.train import build_trainer
 
     trainer = build_trainer(make_cfg("trainer.precision=32-true"), callbacks=[], loggers=[])
     assert trainer._accelerator_connector.use_distributed_sampler is False
@@ -174,7 +174,7 @@ def test_extra_plays_add_training_text_only(tmp_path):
 def test_shuffled_windows_match_the_standard_shuffle_without_an_index_list():
     from torch.utils.data import BatchSampler, RandomSampler
 
-    from charlstm.windows import ShuffledWindows
+    from charlstm.data.windows import ShuffledWindows
 
     torch.manual_seed(7)
     ours = list(BatchSampler(ShuffledWindows(103), 10, drop_last=False))
@@ -202,14 +202,14 @@ def test_shuffled_windows_match_the_standard_shuffle_without_an_index_list():
     ],
 )
 def test_extra_play_names(value, source, play, expected):
-    from charlstm.data import extra_play_names
+    from charlstm.training.datamodule import extra_play_names
 
     assert extra_play_names(value, source, play) == expected
 
 
 def test_extra_plays_auto_and_all_on_a_play_are_every_other_play():
-    from charlstm.corpus import play_names
-    from charlstm.data import extra_play_names
+    from charlstm.data.corpus import play_names
+    from charlstm.training.datamodule import extra_play_names
 
     others = [n for n in play_names() if n != "macbeth"]
     assert extra_play_names("auto", "play", "macbeth") == extra_play_names("all", "play", "macbeth") == others
@@ -218,8 +218,8 @@ def test_extra_plays_auto_and_all_on_a_play_are_every_other_play():
 
 @pytest.mark.parametrize("value", ["hamlett", ["othello", "hamlett"], "othello, hamlett"])
 def test_a_bad_extra_play_name_names_the_key_and_the_valid_names(value):
-    from charlstm.data import extra_play_names
-    from charlstm.errors import ConfigError
+    from charlstm.core.errors import ConfigError
+    from charlstm.training.datamodule import extra_play_names
 
     with pytest.raises(ConfigError) as info:
         extra_play_names(value, "play", "macbeth")
@@ -238,7 +238,7 @@ def test_a_bad_extra_play_name_names_the_key_and_the_valid_names(value):
     ],
 )
 def test_a_bad_vocab_element_is_named(tmp_path, text_file, vocab, expected):
-    from charlstm.errors import ConfigError
+    from charlstm.core.errors import ConfigError
 
     dm = CharDataModule(source="file", path=str(text_file("abcd" * 50)), data_dir=str(tmp_path), seq_len=5,
                         vocab=vocab)  # fmt: skip
@@ -292,7 +292,7 @@ def test_validation_text_never_reaches_training(data, experiment, data_dir, tmp_
 
 @pytest.mark.parametrize("n", [1, 2, 7, 1000, 4099, 20_000])
 def test_a_big_corpus_is_shuffled_in_constant_memory_every_window_once(n):
-    from charlstm.windows import ShuffledWindows
+    from charlstm.data.windows import ShuffledWindows
 
     torch.manual_seed(3)
     flat = list(ShuffledWindows(n, exact_limit=0))  # the path a corpus of millions of windows takes
@@ -308,7 +308,7 @@ def test_a_big_corpus_is_shuffled_in_constant_memory_every_window_once(n):
 @pytest.mark.parametrize("exact_limit", [1 << 24, 0])
 @pytest.mark.parametrize(("n", "world"), [(1000, 2), (1001, 3), (20_001, 4), (2, 3)])
 def test_ddp_ranks_share_one_shuffle_each_window_once_and_as_many_steps(n, world, exact_limit):
-    from charlstm.windows import ShuffledWindows
+    from charlstm.data.windows import ShuffledWindows
 
     def shares(epoch: int, seed: int = 11) -> list[list[int]]:
         out = []

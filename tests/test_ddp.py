@@ -14,10 +14,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from charlstm import checkpoint
-from charlstm.checkpoint import build_net
-from charlstm.evaluate import dataset_batches, score_batches
-from charlstm.windows import WindowDataset
+from charlstm.app.evaluate import dataset_batches, score_batches
+from charlstm.core import checkpoint
+from charlstm.core.checkpoint import build_net
+from charlstm.data.windows import WindowDataset
 from tests import forkserver
 from tests.conftest import TINY
 
@@ -40,7 +40,9 @@ def test_ddp_cpu_trains_in_one_folder_and_writes_one_checkpoint_set(tmp_path, da
     assert "Initializing distributed" not in done.stdout and "distributed_backend" not in done.stdout
     assert done.stdout.count("run folder:") == 1  # the summary comes from rank 0 only
     assert not [line for line in done.stderr.splitlines() if line.startswith(("error", "Traceback"))]
-    assert "sync_dist" not in done.stderr  # the val/* and test/* logged are every rank's sums already (charlstm.logs)
+    assert (
+        "sync_dist" not in done.stderr
+    )  # the val/* and test/* logged are every rank's sums already (charlstm.app.logs)
 
     # the default run folder, outputs/<date>/<time>: rank 1 made no folder of its own
     folders = [p for p in tmp_path.glob("*/*") if p.is_dir()]

@@ -7,7 +7,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import open_dict
 
-from charlstm.train import train
+from charlstm.app.train import train
 
 
 class RecordLosses(pl.Callback):

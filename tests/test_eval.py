@@ -13,10 +13,10 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from charlstm.errors import ConfigError, VocabError
-from charlstm.evaluate import dataset_batches, evaluate
-from charlstm.train import train
-from charlstm.windows import WindowDataset
+from charlstm.app.evaluate import dataset_batches, evaluate
+from charlstm.app.train import train
+from charlstm.core.errors import ConfigError, VocabError
+from charlstm.data.windows import WindowDataset
 from tests import forkserver
 from tests.cli import into_closed_pipe
 from tests.conftest import ROOT, TINY, compose_cfg
@@ -137,8 +137,8 @@ def test_unknown_chars_are_an_error_listing_them_or_skipped_and_counted(trained,
 def test_a_text_is_scored_from_the_prepared_cache_as_the_vocabulary_encodes_it(trained, text_file, data_dir):
     # chars the model lacks, CRLF line ends, max_chars cutting the text: the ids encoding the lowercased text gives
     # (chunk boundaries of the preparation itself are tested in test_prepared.py)
-    from charlstm.evaluate import read_text
-    from charlstm.vocab import CharVocab
+    from charlstm.app.evaluate import read_text
+    from charlstm.core.vocab import CharVocab
 
     hp = torch.load(trained["ckpt"], weights_only=True, map_location="cpu")["hyper_parameters"]
     text = (trained["val_text"] + "☃É\r\n¶") * 40

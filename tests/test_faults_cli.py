@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from charlstm.cli import split_by_shell
-from charlstm.data import fixed_vocab
-from charlstm.errors import ConfigError
+from charlstm.app.cli import split_by_shell
+from charlstm.core.errors import ConfigError
+from charlstm.training.datamodule import fixed_vocab
 from tests.cli import SHRINK, cli_env, into_closed_pipe, one_line_error, run_cli
 from tests.conftest import compose_cfg
 
@@ -47,7 +47,7 @@ class Hook(importlib.abc.MetaPathFinder):
         if at == "import:" + name:
             sys.meta_path.remove(self)
             ctrl_c()
-        elif at.startswith("exit:") and name == "charlstm.cli":  # an exit handler registered by the command
+        elif at.startswith("exit:") and name == "charlstm.app.cli":  # an exit handler registered by the command
             sys.meta_path.remove(self)
             atexit.register(ctrl_c, int(at[5:]))
         return None
@@ -70,7 +70,7 @@ def run_with_sigint(tmp_path: Path, at: str, script: str, *args: str) -> subproc
 @pytest.mark.parametrize(
     "script, module",
     [
-        ("train.py", "charlstm.cli"),
+        ("train.py", "charlstm.app.cli"),
         ("train.py", "hydra"),
         ("train.py", "torch"),
         ("train.py", "pytorch_lightning"),
@@ -145,7 +145,7 @@ def tiny_run(tmp_path_factory, data_dir) -> dict:
     """A tiny trained checkpoint and a 1 MB text in its vocabulary."""
     from omegaconf import open_dict
 
-    from charlstm.train import train
+    from charlstm.app.train import train
     from tests.conftest import TINY
 
     root = tmp_path_factory.mktemp("faults_run")
@@ -168,7 +168,7 @@ def run_under_memory_limit(
     code = textwrap.dedent(f"""
         import os, resource, runpy, sys
         import torch, hydra, omegaconf, pytorch_lightning
-        import charlstm.train, charlstm.evaluate, charlstm.generate, charlstm.cli
+        import charlstm.app.train, charlstm.app.evaluate, charlstm.app.generate, charlstm.app.cli
         mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
         resource.setrlimit(resource.RLIMIT_AS, (mapped + {headroom}, resource.RLIM_INFINITY))
         sys.argv = [{str(ROOT / script)!r}, *{list(args)!r}]
@@ -179,7 +179,7 @@ def run_under_memory_limit(
 
 
 def test_generate_threads_beyond_the_cores_is_one_line(tmp_path):
-    from charlstm.hardware import usable_cores
+    from charlstm.core.hardware import usable_cores
 
     done = run_cli("generate.py", "ckpt=none.ckpt", "threads=100000", cwd=tmp_path)
     line = one_line_error(done)

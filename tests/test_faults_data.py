@@ -18,11 +18,12 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from charlstm import checkpoint, prepared
-from charlstm.errors import CheckpointError, CorpusError
-from charlstm.prepared import prepare
-from charlstm.train import train
-from charlstm.vocab import CharVocab
+from charlstm.app.train import train
+from charlstm.core import checkpoint
+from charlstm.core.errors import CheckpointError, CorpusError
+from charlstm.core.vocab import CharVocab
+from charlstm.data import prepared
+from charlstm.data.prepared import prepare
 from tests.cli import ROOT, SHRINK, cli_env, one_line_error, run_cli
 from tests.conftest import TINY, compose_cfg
 
@@ -64,7 +65,7 @@ def test_ids_overwritten_with_random_bytes_of_the_same_size_are_prepared_again(c
     path, data_dir, folder = corpus
     ids = folder / "ids.u8"
     ids.write_bytes(os.urandom(ids.stat().st_size))
-    with caplog.at_level(logging.WARNING, logger="charlstm.prepared"):
+    with caplog.at_level(logging.WARNING, logger="charlstm.data.prepared"):
         assert_prepared_right(prepare(path, data_dir))
     damaged_line(caplog, folder, "ids.u8")
 
@@ -75,7 +76,7 @@ def test_ids_overwritten_with_random_valid_ids_are_prepared_again(corpus, caplog
     n_vocab = len(json.loads((folder / "vocab.json").read_text()))
     rng = np.random.default_rng(0)
     ids.write_bytes(rng.integers(0, n_vocab, ids.stat().st_size, dtype=np.uint8).tobytes())
-    with caplog.at_level(logging.WARNING, logger="charlstm.prepared"):
+    with caplog.at_level(logging.WARNING, logger="charlstm.data.prepared"):
         assert_prepared_right(prepare(path, data_dir))
     damaged_line(caplog, folder, "ids.u8")
 
@@ -85,7 +86,7 @@ def test_two_chars_swapped_in_the_vocabulary_are_prepared_again(corpus, caplog):
     chars = json.loads((folder / "vocab.json").read_text())
     chars[3], chars[7] = chars[7], chars[3]
     (folder / "vocab.json").write_text(json.dumps(chars, ensure_ascii=False))
-    with caplog.at_level(logging.WARNING, logger="charlstm.prepared"):
+    with caplog.at_level(logging.WARNING, logger="charlstm.data.prepared"):
         assert_prepared_right(prepare(path, data_dir))
     damaged_line(caplog, folder, "vocab.json")
 

@@ -19,11 +19,11 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import open_dict
 
-from charlstm import checkpoint
-from charlstm.cli import command_line
-from charlstm.errors import DivergenceError
-from charlstm.evaluate import evaluate
-from charlstm.train import train
+from charlstm.app.cli import command_line
+from charlstm.app.evaluate import evaluate
+from charlstm.app.train import train
+from charlstm.core import checkpoint
+from charlstm.core.errors import DivergenceError
 from tests.cli import ROOT, SHRINK, cli_env, ok, one_line_error, run_cli
 from tests.conftest import compose_cfg
 from tests.test_interrupt import add_callback

@@ -16,8 +16,8 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from charlstm import search
-from charlstm.errors import ConfigError
+from charlstm.app import search
+from charlstm.core.errors import ConfigError
 from tests.cli import cli_env, ok, one_line_error, run_cli
 from tests.test_search import SEARCH
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from charlstm import finetune
-from charlstm.net import CharLSTM
-from charlstm.train import train
+from charlstm.app.train import train
+from charlstm.core import finetune
+from charlstm.core.net import CharLSTM
 from tests.cli import SHRINK, ok, one_line_error, run_cli
 from tests.test_tensorboard import session_hparams
 
@@ -152,7 +152,7 @@ def recorded_score() -> float:
 
 
 def test_the_shipped_base_loads_with_weights_only_and_builds():
-    from charlstm.checkpoint import build_net
+    from charlstm.core.checkpoint import build_net
 
     ckpt = torch.load(finetune.base_path(), map_location="cpu", weights_only=True)
     net = build_net(ckpt, finetune.base_path())

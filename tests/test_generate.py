@@ -15,10 +15,10 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from charlstm.callbacks import TextSample, as_markdown
-from charlstm.errors import CheckpointError, ConfigError, VocabError
-from charlstm.generate import generate
-from charlstm.train import train
+from charlstm.app.generate import generate
+from charlstm.app.train import train
+from charlstm.core.errors import CheckpointError, ConfigError, VocabError
+from charlstm.training.callbacks import TextSample, as_markdown
 from tests import forkserver
 from tests.conftest import ROOT, TINY, compose_cfg
 
@@ -45,11 +45,11 @@ def gen_cfg(*overrides: str) -> DictConfig:
 # Run in a fresh interpreter where the training floor cannot be imported at all: generation must not need it.
 ONLY_THE_CHECKPOINT = """
 import json, sys
-for name in ("pytorch_lightning", "lightning_fabric", "charlstm.corpus", "charlstm.data", "charlstm.model",
-             "charlstm.train"):
+for name in ("pytorch_lightning", "lightning_fabric", "charlstm.data.corpus", "charlstm.training.datamodule",
+             "charlstm.training.model", "charlstm.app.train"):
     sys.modules[name] = None  # any import of these raises ImportError
 from omegaconf import OmegaConf
-from charlstm.generate import generate
+from charlstm.app.generate import generate
 for yaml in sys.argv[1:]:
     print(json.dumps(generate(OmegaConf.create(yaml))))
 """

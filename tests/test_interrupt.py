@@ -19,11 +19,11 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import open_dict
 
-from charlstm import checkpoint
-from charlstm.cli import command_line
-from charlstm.errors import DivergenceError, TrainingInterrupted
-from charlstm.reliability import AtomicCheckpointIO, atomic_write, remove_stale_temporaries
-from charlstm.train import epochs_done, train
+from charlstm.app.cli import command_line
+from charlstm.app.reliability import AtomicCheckpointIO, atomic_write, remove_stale_temporaries
+from charlstm.app.train import epochs_done, train
+from charlstm.core import checkpoint
+from charlstm.core.errors import DivergenceError, TrainingInterrupted
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
 WRITER = textwrap.dedent(
     """
     import hashlib, itertools, os, sys
-    from charlstm.reliability import atomic_write
+    from charlstm.app.reliability import atomic_write
     target = sys.argv[1]
     for k in itertools.count():
         payload = os.urandom(4 << 20)  # 4 MiB: the kill almost always lands inside a write

@@ -49,7 +49,7 @@ def corpus_files(tmp_path_factory) -> dict[str, Path]:
 def run_cli_in_process(overrides: list[str], tmp_path: Path, data_dir: Path, capsys) -> int:
     """What `python train.py OVERRIDES` does after composition; returns the exit status (the error line, if
     any, is in ``capsys``'s last reading: see ``last_error``)."""
-    from charlstm.train import run
+    from charlstm.app.train import run
 
     cfg = compose_cfg("train", overrides)
     with open_dict(cfg):
@@ -99,5 +99,7 @@ def test_recipe_typo_is_refused_at_composition(tmp_path, data_dir, capsys):
     )
     overrides = [f"hydra.searchpath=[file://{tmp_path}]", "experiment=typo", *SHRINK]
     assert run_cli_in_process(overrides, tmp_path, data_dir, capsys) == 1
-    assert last_error[-1].startswith("error: data.main_repat is not a setting of charlstm.data.CharDataModule; did ")
+    assert last_error[-1].startswith(
+        "error: data.main_repat is not a setting of charlstm.training.datamodule.CharDataModule; did "
+    )
     assert "data.main_repeat" in last_error[-1]

@@ -15,11 +15,11 @@ import torch
 from omegaconf import open_dict
 from torch.utils.data import SequentialSampler
 
-from charlstm import checkpoint
-from charlstm.data import STREAMS_KEY, CharDataModule, own_stream_state
-from charlstm.errors import TrainingInterrupted
-from charlstm.train import train
-from charlstm.windows import ResumableLoader, ShuffledWindows, StreamDataset, WindowDataset, _as_batch
+from charlstm.app.train import train
+from charlstm.core import checkpoint
+from charlstm.core.errors import TrainingInterrupted
+from charlstm.data.windows import ResumableLoader, ShuffledWindows, StreamDataset, WindowDataset, _as_batch
+from charlstm.training.datamodule import STREAMS_KEY, CharDataModule, own_stream_state
 from tests import forkserver
 from tests.conftest import TINY
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from charlstm.model import CharLSTMModule, lr_factor
-from charlstm.net import CharLSTM, dropout, encode_inputs
+from charlstm.core.net import CharLSTM, dropout, encode_inputs
+from charlstm.training.model import CharLSTMModule, lr_factor
 
 
 @pytest.mark.parametrize("encoding", ["normalized", "onehot", "embedding"])
@@ -77,7 +77,7 @@ def test_dropout_keeps_the_share_and_the_expectation(dtype):
 def test_training_runs_the_layers_one_by_one_with_the_same_weights(monkeypatch):
     """In training the LSTM runs layer by layer so the dropout between layers is the fast one; without dropout
     that path gives exactly what nn.LSTM gives, state and gradients included."""
-    import charlstm.net as net_module
+    import charlstm.core.net as net_module
 
     net = CharLSTM(vocab_size=11, units=8, layers=3, dropout=0.3, encoding="embedding", embed_dim=5)
     ids = torch.randint(11, (4, 7))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlstm.cli import command_line
+from charlstm.app.cli import command_line
 from tests.cli import ROOT, SHRINK, cli_env, ok, on_a_terminal, one_line_error, run_cli, run_folders
 
 pytestmark = pytest.mark.slow
@@ -189,9 +189,9 @@ def test_sample_prompt_with_quotes_and_accents(tmp_path):
 
 
 def test_unexpected_exception_leaves_last_checkpoint_and_one_line(make_cfg, monkeypatch):
-    from charlstm.errors import TrainingFailed
-    from charlstm.model import CharLSTMModule
-    from charlstm.train import train
+    from charlstm.app.train import train
+    from charlstm.core.errors import TrainingFailed
+    from charlstm.training.model import CharLSTMModule
 
     step = CharLSTMModule.training_step
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlstm import checkpoint, hardware
-from charlstm.hardware import CpuCapability, resolve_precision
-from charlstm.sampling import Generator
+from charlstm.core import checkpoint, hardware
+from charlstm.core.hardware import CpuCapability, resolve_precision
+from charlstm.core.sampling import Generator
 from tests.conftest import compose_cfg
 
 AVX512_BF16 = frozenset({"avx2", "avx512f", "avx512_bf16"})
@@ -35,9 +35,9 @@ def fake_cpu(monkeypatch, flags: frozenset[str], kernels: str = "AVX512") -> Non
 )
 def test_auto_picks_bf16_only_with_native_bf16(monkeypatch, caplog, flags, kernels, expected):
     fake_cpu(monkeypatch, flags, kernels)
-    with caplog.at_level(logging.INFO, logger="charlstm.hardware"):
+    with caplog.at_level(logging.INFO, logger="charlstm.core.hardware"):
         assert resolve_precision("auto", "cpu") == expected
-    lines = [r.getMessage() for r in caplog.records if r.name == "charlstm.hardware"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "charlstm.core.hardware"]
     assert len(lines) == 1 and lines[0].startswith(f"trainer.precision=auto -> {expected}: ")
     assert "Test CPU" in lines[0]
 
@@ -45,9 +45,9 @@ def test_auto_picks_bf16_only_with_native_bf16(monkeypatch, caplog, flags, kerne
 @pytest.mark.parametrize("value", ["32-true", "bf16-mixed", "16-mixed", 32])
 def test_explicit_precision_is_kept(monkeypatch, caplog, value):
     fake_cpu(monkeypatch, AVX512_BF16)
-    with caplog.at_level(logging.INFO, logger="charlstm.hardware"):
+    with caplog.at_level(logging.INFO, logger="charlstm.core.hardware"):
         assert resolve_precision(value, "cpu") == value
-    assert not [r for r in caplog.records if r.name == "charlstm.hardware"]
+    assert not [r for r in caplog.records if r.name == "charlstm.core.hardware"]
 
 
 def test_capability_line_names_every_feature():
@@ -73,7 +73,7 @@ def test_configs_default_auto_seed_exact_fp32_gpu_unchanged():
 
 
 def test_train_resolves_auto_before_the_trainer(make_cfg, monkeypatch):
-    from charlstm.train import train
+    from charlstm.app.train import train
 
     fake_cpu(monkeypatch, AVX2_ONLY, "AVX2")
     _, objects = train(make_cfg("trainer.max_steps=2", "logger=none", "sample.length=0", "trainer.limit_val_batches=0",
@@ -86,7 +86,7 @@ def test_train_resolves_auto_before_the_trainer(make_cfg, monkeypatch):
 def bf16_run(tmp_path_factory, data_dir):
     from omegaconf import open_dict
 
-    from charlstm.train import train
+    from charlstm.app.train import train
     from tests.conftest import TINY
 
     tmp = tmp_path_factory.mktemp("bf16")
@@ -129,7 +129,7 @@ def test_bf16_mixed_clips_the_fused_optimizer(make_cfg, monkeypatch):
     """bf16-mixed with trainer.gradient_clip_val: the fused AdamW runs, and its gradients are clipped."""
     import pytorch_lightning as pl
 
-    from charlstm import train as train_module
+    from charlstm.app import train as train_module
 
     norms = []
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlstm.data import CharDataModule
-from charlstm.errors import CorpusError, VocabError
-from charlstm.prepared import iter_text, prepare
-from charlstm.vocab import CharVocab
+from charlstm.core.errors import CorpusError, VocabError
+from charlstm.core.vocab import CharVocab
+from charlstm.data.prepared import iter_text, prepare
+from charlstm.training.datamodule import CharDataModule
 
 # Multi-byte chars of 2, 3 and 4 bytes, CRLF pairs and lone CRs, a BOM, Greek capitals whose lowercase depends on
 # the next char (final sigma), a char that lowercases to two ('İ'), tabs and trailing text without a newline.
@@ -163,7 +163,7 @@ def test_leftovers_of_a_killed_preparation_are_never_trusted(tmp_path):
 PREPARER = textwrap.dedent(
     """
     import sys, time
-    from charlstm.prepared import prepare
+    from charlstm.data.prepared import prepare
     path, data_dir, tag, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 
     def slowly(i):
@@ -272,7 +272,7 @@ def big_mapped_corpus(tmp_path: Path, mb: int = 24) -> tuple[CharDataModule, Pat
 
 
 def test_reads_of_a_mapped_corpus_give_their_pages_back(tmp_path):
-    from charlstm.prepared import MappedPages
+    from charlstm.data.prepared import MappedPages
 
     dm, ids_file = big_mapped_corpus(tmp_path)
     size_kb = ids_file.stat().st_size // 1024
@@ -299,7 +299,7 @@ def test_reads_of_a_mapped_corpus_give_their_pages_back(tmp_path):
 def test_unmapping_leaves_any_other_memory_alone(tmp_path):
     import pickle
 
-    from charlstm.prepared import MappedPages
+    from charlstm.data.prepared import MappedPages
 
     in_memory = torch.arange(1 << 20, dtype=torch.int32)
     other = tmp_path / "ids.u8"  # a mapped file, but not a prepared cache's: written to in place (copy on write)

@@ -7,10 +7,10 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from charlstm.data import split_ids
-from charlstm.errors import CorpusError
-from charlstm.vocab import CharVocab
-from charlstm.windows import StreamDataset, WindowDataset
+from charlstm.core.errors import CorpusError
+from charlstm.core.vocab import CharVocab
+from charlstm.data.windows import StreamDataset, WindowDataset
+from charlstm.training.datamodule import split_ids
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

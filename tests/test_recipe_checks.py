@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from charlstm.config import TOP_LEVEL_KEYS, check_top_level
-from charlstm.errors import ConfigError
+from charlstm.app.config import TOP_LEVEL_KEYS, check_top_level
+from charlstm.core.errors import ConfigError
 from tests import forkserver
 from tests.cli import cli_env, one_line_error
 from tests.conftest import CONFIG_DIR, ROOT

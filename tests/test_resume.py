@@ -13,9 +13,9 @@ from omegaconf import OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from charlstm import checkpoint
-from charlstm.errors import CheckpointError, ConfigError, TrainingInterrupted
-from charlstm.train import train
+from charlstm.app.train import train
+from charlstm.core import checkpoint
+from charlstm.core.errors import CheckpointError, ConfigError, TrainingInterrupted
 
 EXACT = ("trainer.deterministic=true", "sample.length=0", "data.max_chars=2000")
 
@@ -222,8 +222,8 @@ def test_a_resume_with_another_learning_rate_scales_the_restored_optimizer(make_
 
 
 def test_config_yaml_is_written_whole_or_not_at_all(make_cfg, tmp_path, monkeypatch):
-    from charlstm import fileio
-    from charlstm.train import save_run_config
+    from charlstm.app.train import save_run_config
+    from charlstm.core import fileio
 
     cfg = make_cfg()
     run = tmp_path / "run"

@@ -28,7 +28,7 @@ def train(cwd: Path, data_dir: Path, *args: str, fresh: bool = False) -> subproc
 def headers(run: Path) -> list[str]:
     """The ``training: ...`` line each process wrote into the run's train.log."""
     lines = (run / "train.log").read_text(encoding="utf-8").splitlines()
-    return [line.split("[INFO] ", 1)[1] for line in lines if "[charlstm.train][INFO] training: " in line]
+    return [line.split("[INFO] ", 1)[1] for line in lines if "[charlstm.app.train][INFO] training: " in line]
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from charlstm.errors import ConfigError, VocabError
-from charlstm.net import ENCODINGS, CharLSTM, encode_inputs
-from charlstm.sampling import Generator, _Noise, _Sampler, filter_logits
-from charlstm.vocab import CharVocab
+from charlstm.core.errors import ConfigError, VocabError
+from charlstm.core.net import ENCODINGS, CharLSTM, encode_inputs
+from charlstm.core.sampling import Generator, _Noise, _Sampler, filter_logits
+from charlstm.core.vocab import CharVocab
 
 VOCAB = CharVocab(list("\n !',.:;?abcdefghijklmnopqrstuvwxyz"))
 SEQ_LEN = 8
@@ -165,7 +165,7 @@ def test_one_and_three_layers_every_encoding(encoding):
 
 
 def test_a_long_prompt_is_primed_in_chunks(monkeypatch):
-    import charlstm.sampling as sampling
+    import charlstm.core.sampling as sampling
 
     gen = make_generator()
     prompt = "tomorrow, and tomorrow, and tomorrow, creeps in this petty pace"

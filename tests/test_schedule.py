@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from charlstm.model import CLOCK_KEY, TrainClock, lr_factor, time_factor
+from charlstm.training.model import CLOCK_KEY, TrainClock, lr_factor, time_factor
 
 
 class FakeClock:
@@ -123,8 +123,8 @@ def test_step_schedule_is_unchanged():
 
 
 def test_time_bounded_run_uses_the_time_schedule_and_saves_its_clock(make_cfg, tmp_path):
-    from charlstm import checkpoint
-    from charlstm.train import train
+    from charlstm.app.train import train
+    from charlstm.core import checkpoint
 
     cfg = make_cfg("model.scheduler=cosine", "model.warmup_fraction=0.1", "trainer.max_time=00:00:01:00",
                    "trainer.max_epochs=1", "trainer.max_steps=-1", "logger=none")  # fmt: skip
@@ -139,7 +139,7 @@ def test_time_bounded_run_uses_the_time_schedule_and_saves_its_clock(make_cfg, t
 
 
 def test_step_bounded_run_keeps_the_step_schedule(make_cfg):
-    from charlstm.train import train
+    from charlstm.app.train import train
 
     cfg = make_cfg("model.scheduler=cosine", "model.warmup_steps=2", "trainer.max_steps=6", "logger=none",
                    "trainer.limit_val_batches=0", "callbacks.early_stopping=null", "trainer.max_epochs=-1")  # fmt: skip
@@ -148,7 +148,7 @@ def test_step_bounded_run_keeps_the_step_schedule(make_cfg):
 
 
 def test_resume_continues_the_schedule_from_the_saved_training_time(make_cfg, tmp_path):
-    from charlstm.train import train
+    from charlstm.app.train import train
 
     quiet = ("model.scheduler=cosine", "trainer.max_time=00:00:10:00", "logger=none", "trainer.limit_val_batches=0",
              "callbacks.early_stopping=null", "trainer.max_epochs=-1")  # fmt: skip

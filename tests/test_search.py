@@ -15,9 +15,9 @@ from omegaconf import OmegaConf, open_dict
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from charlstm import pruning, search
-from charlstm.errors import ConfigError, TrainingInterrupted
-from charlstm.train import train
+from charlstm.app import pruning, search
+from charlstm.app.train import train
+from charlstm.core.errors import ConfigError, TrainingInterrupted
 from hydra_plugins.charlstm_optuna.optuna_sweeper import CharLSTMOptunaSweeper
 from tests.cli import SHRINK, ok, run_cli
 from tests.conftest import compose_cfg
@@ -121,7 +121,7 @@ def pruning_cfg(make_cfg, url: str):
     cfg = make_cfg("trainer.max_epochs=-1", "trainer.max_steps=8", "trainer.val_check_interval=2",
                    "trainer.check_val_every_n_epoch=null", "callbacks.text_sample=null")  # fmt: skip
     with open_dict(cfg):
-        cfg.callbacks.optuna_pruning = {"_target_": "charlstm.pruning.OptunaPruning", "storage": url, "study": "s",
+        cfg.callbacks.optuna_pruning = {"_target_": "charlstm.app.pruning.OptunaPruning", "storage": url, "study": "s",
                                         "trial": 1, "monitor": "val/loss"}  # fmt: skip
     return cfg
 
@@ -194,7 +194,7 @@ def test_lstm_search_composes_and_its_space_parses(tmp_path, monkeypatch):
     # (a real run then removes it, see test_search_keeps_its_study_in_sqlite_and_ends_with_a_summary): in tmp_path
     monkeypatch.chdir(tmp_path)
     cfg = compose_cfg("train", ["hparams_search=lstm"])
-    assert cfg.callbacks.optuna_pruning._target_ == "charlstm.pruning.OptunaPruning"
+    assert cfg.callbacks.optuna_pruning._target_ == "charlstm.app.pruning.OptunaPruning"
     assert cfg.optimized_metric == "val/bpc_best" and cfg.trainer.max_time
     from hydra import compose, initialize_config_dir
 

@@ -5,10 +5,10 @@ import math
 import pytorch_lightning as pl
 import torch
 
-from charlstm.data import CharDataModule
-from charlstm.model import CharLSTMModule
-from charlstm.net import encode_inputs
-from charlstm.windows import StreamDataset
+from charlstm.core.net import encode_inputs
+from charlstm.data.windows import StreamDataset
+from charlstm.training.datamodule import CharDataModule
+from charlstm.training.model import CharLSTMModule
 
 TEXT = "Is this a dagger which I see before me,\nThe handle toward my hand? Come, let me clutch thee.\n" * 6
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from charlstm import rundir
-from charlstm.rundir import claim_dir, claimed, fixed_keys, job_dirname, safe_name, swept_overrides
-from charlstm.summary import collect_rows, rank_rows, write_result, write_summary
+from charlstm.app import rundir
+from charlstm.app.rundir import claim_dir, claimed, fixed_keys, job_dirname, safe_name, swept_overrides
+from charlstm.app.summary import collect_rows, rank_rows, write_result, write_summary
 from tests import forkserver
 from tests.cli import cli_env
 from tests.conftest import CONFIG_DIR, ROOT, TINY

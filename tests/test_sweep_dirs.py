@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from charlstm.rundir import fixed_keys, job_dirname, safe_name, swept_overrides
-from charlstm.search import JOB_KEYS, distribution, override
+from charlstm.app.rundir import fixed_keys, job_dirname, safe_name, swept_overrides
+from charlstm.app.search import JOB_KEYS, distribution, override
 from tests.cli import one_line_error
 from tests.conftest import CONFIG_DIR
 from tests.test_sweep import QUICK, finish, read_csv, train_cli

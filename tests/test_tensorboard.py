@@ -20,9 +20,9 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as scalars_metadata
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
-from charlstm.callbacks import LEADING_HPARAMS, ConfigHParams, LearningRate, flatten_config
-from charlstm.progress import ValidationLog
-from charlstm.train import train
+from charlstm.app.train import train
+from charlstm.training.callbacks import LEADING_HPARAMS, ConfigHParams, LearningRate, flatten_config
+from charlstm.training.progress import ValidationLog
 from tests import forkserver
 from tests.conftest import ROOT, TINY, compose_cfg
 

@@ -8,9 +8,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from charlstm.checkpoint import load
-from charlstm.model import CharLSTMModule
-from charlstm.train import train
+from charlstm.app.train import train
+from charlstm.core.checkpoint import load
+from charlstm.training.model import CharLSTMModule
 from tests.conftest import CONFIG_DIR, compose_cfg
 
 
@@ -83,7 +83,7 @@ def test_every_trainer_config_composes(option):
     cfg = compose_cfg("train", [f"trainer={option}"])
     assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
     if cfg.trainer.accelerator == "cpu":
-        from charlstm.hardware import resolve_precision
+        from charlstm.core.hardware import resolve_precision
 
         cfg.trainer.default_root_dir = "."
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, "cpu")
@@ -127,13 +127,13 @@ def test_seed_experiment_is_the_tutorial():
 
 def test_root_scripts_exist():
     root = Path(__file__).resolve().parents[1]
-    assert 'run_command(__file__, "train", "charlstm.train:run")' in (root / "train.py").read_text()
+    assert 'run_command(__file__, "train", "charlstm.app.train:run")' in (root / "train.py").read_text()
 
 
 def test_a_held_out_test_text_is_scored_once_on_the_best_checkpoint(make_cfg):
-    from charlstm.checkpoint import build_net, load
-    from charlstm.evaluate import dataset_batches, score_batches
-    from charlstm.windows import WindowDataset
+    from charlstm.app.evaluate import dataset_batches, score_batches
+    from charlstm.core.checkpoint import build_net, load
+    from charlstm.data.windows import WindowDataset
 
     metrics, objects = train(make_cfg("data.test_fraction=0.1", "trainer.max_epochs=2", "trainer.precision=32-true",
                                       "data.val_context=20"))  # fmt: skip

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from charlstm.errors import VocabError
-from charlstm.vocab import CharVocab
+from charlstm.core.errors import VocabError
+from charlstm.core.vocab import CharVocab
 
 
 def test_from_text_is_sorted_distinct_chars():

@@ -17,11 +17,12 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
-from charlstm import rundir
-from charlstm.cluster import REQUEUE_ENV, quiet_schema_note
-from charlstm.errors import ConfigError, JobFailed
+from charlstm.app import rundir
+from charlstm.app.cli import quiet_schema_note
+from charlstm.app.cluster import REQUEUE_ENV
+from charlstm.core.errors import ConfigError, JobFailed
 
-# Lines a job's stderr ends with when charlstm stopped it (see charlstm.errors.exit_on_error).
+# Lines a job's stderr ends with when charlstm stopped it (see charlstm.core.errors.exit_on_error).
 _OUTCOME_PREFIXES = ("error", "interrupted")
 
 

@@ -68,12 +68,12 @@ class CharLSTMOptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> list[JobReturn]:
-        from charlstm.errors import exit_on_error
+        from charlstm.core.errors import exit_on_error
 
         return exit_on_error(self._search)(list(arguments))
 
     def _search(self, arguments: list[str]) -> list[JobReturn]:
-        from charlstm import search
+        from charlstm.app import search
 
         assert self.config is not None
         s = OmegaConf.to_container(OmegaConf.create(self.settings), resolve=True)
@@ -99,7 +99,7 @@ class CharLSTMOptunaSweeper(Sweeper):
         except BaseException as err:
             self._report(study, fixed, sweep_dir, metric, final=False)  # the trials so far
             if isinstance(err, KeyboardInterrupt):  # between two trials
-                from charlstm.errors import TrainingInterrupted
+                from charlstm.core.errors import TrainingInterrupted
 
                 raise TrainingInterrupted("search stopped; the same command continues the study") from None
             raise
@@ -108,8 +108,8 @@ class CharLSTMOptunaSweeper(Sweeper):
 
     def _run(self, study: Any, trials: list[Any], fixed: list[str], url: str, metric: str) -> list[JobReturn]:
         """Launch the trials as jobs and tell the study how each ended."""
-        from charlstm import search
-        from charlstm.errors import TrainingInterrupted
+        from charlstm.app import search
+        from charlstm.core.errors import TrainingInterrupted
 
         batch = [
             fixed + [search.override(k, v) for k, v in t.params.items()]
@@ -148,7 +148,7 @@ class CharLSTMOptunaSweeper(Sweeper):
                 err = ret._return_value
                 error = " ".join(f"{type(err).__name__}: {err}".split())[:300]
             if value is None and error is None:  # a failed job records its one-line error in result.json
-                from charlstm.summary import read_result
+                from charlstm.app.summary import read_result
 
                 folder = ret.hydra_cfg.hydra.runtime.output_dir if ret.hydra_cfg is not None else None
                 error = ((read_result(folder) or {}).get("error") if folder else None) or f"no {metric}"
@@ -159,8 +159,8 @@ class CharLSTMOptunaSweeper(Sweeper):
     def _tell(study: Any, trial: Any, value: Any, error: str | None, metric: str) -> None:
         from optuna.trial import TrialState
 
-        from charlstm import search
-        from charlstm.pruning import PRUNED_AT
+        from charlstm.app import search
+        from charlstm.app.pruning import PRUNED_AT
 
         if not is_running(study, trial.number):  # failed as stale by another worker: this process sent no heartbeat
             log.warning("trial %d: another search process found no heartbeat of it and ran it again; this result "
@@ -184,9 +184,9 @@ class CharLSTMOptunaSweeper(Sweeper):
 
     def _report(self, study: Any, fixed: list[str], sweep_dir: Path, metric: str, final: bool = True) -> None:
         """The sweep summary (best trial first), the best trial as a command, Optuna's plots."""
-        from charlstm import search
-        from charlstm.errors import TrainingFailed
-        from charlstm.summary import console_lines, rank_rows, write_summary
+        from charlstm.app import search
+        from charlstm.app.summary import console_lines, rank_rows, write_summary
+        from charlstm.core.errors import TrainingFailed
 
         rows = search.summary_rows(study, sweep_dir)
         if not rows:
@@ -212,13 +212,13 @@ class CharLSTMOptunaSweeper(Sweeper):
 
 
 def name_jobs_by_params() -> None:
-    """Job folders and result.json name a trial by its searched values (charlstm.rundir), without the keys through
+    """Job folders and result.json name a trial by its searched values (charlstm.app.rundir), without the keys through
     which the job finds its trial."""
     import json
     import os
 
-    from charlstm.rundir import FIXED_ENV
-    from charlstm.search import JOB_KEYS
+    from charlstm.app.rundir import FIXED_ENV
+    from charlstm.app.search import JOB_KEYS
 
     keys = json.loads(os.environ.get(FIXED_ENV, "null")) or ["paths"]
     os.environ[FIXED_ENV] = json.dumps([*keys, *JOB_KEYS])
@@ -232,6 +232,6 @@ def first_value(dist: Any) -> Any:
 def is_running(study: Any, number: int) -> bool:
     from optuna.trial import TrialState
 
-    from charlstm import search
+    from charlstm.app import search
 
     return search.stored(study, number).state == TrialState.RUNNING
