@@ -9,6 +9,14 @@ from pathlib import Path
 # set before torch is imported so subprocesses started by tests inherit it too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import signal
+
+# Commands under test get Ctrl-C as from a terminal. A runner that starts the suite in the background (a
+# non-interactive shell's `cmd &`) hands it SIGINT ignored, which every child would inherit: a SIGINT sent
+# before the command sets its own handler would then be lost.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
