@@ -11,16 +11,17 @@ PIP := $(PY) -m pip --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train generate eval test lint format tensorboard sweep search bench clean
+.PHONY: help install train generate eval test lint format tensorboard sweep search bench lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  extra arguments: make train ARGS='model.units=128 trainer.max_epochs=3'"
 
-$(VENV)/.installed: pyproject.toml
+# The versions every other package is tested with are pinned in requirements.lock (make lock writes it).
+$(VENV)/.installed: pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -r requirements.lock -e ".[dev]"
 	@touch $@
 
 install: $(VENV)/.installed ## create .venv and install charlstm with its dev tools
@@ -58,6 +59,11 @@ bench: install ## the README's performance and quality tables (see benchmarks/)
 	$(PY) benchmarks/startup_bench.py
 	$(PY) benchmarks/memory_bench.py
 	$(PY) benchmarks/generate_speed.py
+
+lock: install ## pin every dependency but torch (resolved against $(TORCH)) in requirements.lock, with pip-tools
+	$(PIP) install -q pip-tools
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile -q --extra dev --unsafe-package torch --strip-extras \
+		--no-emit-index-url --no-emit-find-links --constraint <(echo "$(TORCH)") -o requirements.lock pyproject.toml
 
 clean: ## remove runs, cached corpora and caches (keeps .venv)
 	rm -rf outputs/2* outputs/multirun outputs/search data/*.txt data/downloads data/prepared .pytest_cache .ruff_cache
