@@ -127,6 +127,17 @@ def test_a_misspelt_key_names_the_closest_keys_of_the_config(config_name, args, 
     assert shown.endswith(f"(to add a new key on purpose: +{key}=VALUE)")
 
 
+@pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/submitit_\w+' is validated")  # as the commands do
+def test_a_value_of_the_wrong_type_for_a_typed_config_names_the_key_and_the_value():
+    with (
+        pytest.raises(ConfigCompositionException) as info,
+        initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)),
+    ):
+        compose("train", ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=abc"], return_hydra_config=True)
+    line = hydra_error_line(info.value, CONFIG_DIR, "train", [])
+    assert line.startswith("hydra.launcher.timeout_min='abc' is not allowed: ") and "Integer" in line
+
+
 def test_an_unknown_choice_names_the_choices():
     assert error_of("eval", ["data=fil"], MissingConfigException) == (
         "data=fil is not a known choice; did you mean file? choices: file, macbeth, shakespeare "

@@ -212,7 +212,7 @@ def hydra_error_line(err: BaseException, config_dir: Path, config_name: str, arg
     """One line for an error Hydra raised while reading the command line or composing the config, built from the
     fields of its exception types and from the config itself."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     from charlstm.core.errors import storage_error, write_failure
 
@@ -233,6 +233,9 @@ def hydra_error_line(err: BaseException, config_dir: Path, config_name: str, arg
     refused = isinstance(err, ConfigCompositionException) and isinstance(cause, (ConfigAttributeError, ConfigKeyError))
     if refused and cause.full_key:
         return _unknown_key_line(str(cause.full_key), cause.parent_node)
+    # a value of the wrong type for a typed config (a launcher's schema): OmegaConf names the key and the value
+    if isinstance(err, ConfigCompositionException) and isinstance(cause, ValidationError) and cause.full_key:
+        return f"{cause.full_key}={cause.value!r} is not allowed: {str(cause).splitlines()[0]}"
     return " ".join(str(err).split())
 
 
