@@ -3,6 +3,8 @@ each command once per round, in turn, medians over the rounds.
 
     python benchmarks/startup_bench.py                   # 9 rounds, a synthetic default-sized checkpoint
     python benchmarks/startup_bench.py --rounds 15 --ckpt outputs/.../checkpoints/last.ckpt
+    python benchmarks/startup_bench.py --before /tmp/old  # also generate.py of another checkout, side by side
+    python benchmarks/startup_bench.py --only generate.py  # `import torch` and the commands named so
 """
 
 from __future__ import annotations
@@ -37,8 +39,15 @@ def synthetic_checkpoint(path: Path) -> Path:
     return path
 
 
-def commands(ckpt: Path) -> dict[str, list[str]]:
+def commands(ckpt: Path, before: Path | None = None) -> dict[str, list[str]]:
     py = sys.executable
+    other = {}
+    if before is not None:  # the same command from another checkout: its scripts, configs and package
+        old = ["env", f"PYTHONPATH={before / 'src'}", py, str(before / "generate.py"), f"ckpt={ckpt}", "length=1"]
+        other = {
+            f"python generate.py ckpt=X length=1 [{before}]": old,
+            f"python generate.py ckpt=X length=1 hydra.verbose=false [{before}]": [*old, "hydra.verbose=false"],
+        }
     return {
         'python -c "import torch"': [py, "-c", "import torch"],
         # the floor again without Python's final garbage collection, which the commands skip (charlstm.app.cli)
@@ -51,9 +60,7 @@ def commands(ckpt: Path) -> dict[str, list[str]]:
             py, "-c", "import atexit, gc, pytorch_lightning; atexit.register(gc.freeze)",
         ],
         "python generate.py ckpt=X length=1": [py, str(ROOT / "generate.py"), f"ckpt={ckpt}", "length=1"],
-        "python generate.py ckpt=X length=1 hydra.verbose=false (through Hydra)": [
-            py, str(ROOT / "generate.py"), f"ckpt={ckpt}", "length=1", "hydra.verbose=false",
-        ],
+        **other,
         'python -c "import charlstm.app.generate"': [py, "-c", "import charlstm.app.generate"],
         "python train.py --help": [py, str(ROOT / "train.py"), "--help"],
         "python train.py --cfg job": [py, str(ROOT / "train.py"), "--cfg", "job"],
@@ -80,12 +87,16 @@ def main() -> None:
     ap.add_argument("--ckpt", type=Path, default=None, help="a checkpoint to generate from (default: synthetic)")
     ap.add_argument("--shared", action="store_true", help="say in the table that other jobs shared the machine")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--before", type=Path, default=None, help="another checkout whose generate.py runs alongside")
+    ap.add_argument("--only", default=None, help="time only `import torch` and the commands whose name holds this")
     args = ap.parse_args()
     env_note = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         ckpt = args.ckpt.resolve() if args.ckpt else synthetic_checkpoint(tmp / "model.ckpt")
-        cmds = commands(ckpt)
+        cmds = commands(ckpt, args.before.resolve() if args.before else None)
+        base_name = 'python -c "import torch"'
+        cmds = {k: v for k, v in cmds.items() if args.only is None or k == base_name or args.only in k}
         for argv in cmds.values():  # warm the file cache; not timed
             run_once(argv, tmp)
         load = [os.getloadavg()[0]]
@@ -94,7 +105,7 @@ def main() -> None:
             for name, argv in cmds.items():
                 times[name].append(run_once(argv, tmp))
         load.append(os.getloadavg()[0])
-    base = statistics.median(times['python -c "import torch"'])
+    base = statistics.median(times[base_name])
     lines = [SHARED_NOTE, ""] if args.shared else []
     lines += ["### Start-up time against `import torch`", "", machine_line(), "",
               "| command | median s | min s | x import torch (medians) |", "|---|---|---|---|"]  # fmt: skip

@@ -1,6 +1,5 @@
 """The command-line face shared by train.py, generate.py and eval.py: prompts taken literally, Hydra's own
-errors as one line, and the heavy imports made only once the config is composed (so --help is instant).
-A command line of plain ``key=value`` settings of a flat config (generate.py's) is read without Hydra at all."""
+errors as one line, and the heavy imports made only once the config is composed (so --help is instant)."""
 
 from __future__ import annotations
 
@@ -65,12 +64,24 @@ def literal_args(args: Sequence[str]) -> list[str]:
 
 def literal_path(arg: str) -> re.Match[str] | None:
     """The match of ``arg`` when it is ``KEY=VALUE`` for a file-naming key whose value Hydra would not read back as
-    itself (it holds '=', ',', quotes, brackets, spaces ...) and is an existing path or starts with ``~``; else
+    itself (it holds '=', ',', quotes, brackets, escapes ...) and is an existing path or starts with ``~``; else
     None."""
     m = _PATH.match(arg)
-    if not m or plain_value(m.group(3)) is not _NOT_PLAIN:
+    if not m or not (m.group(3).startswith("~") or os.path.exists(m.group(3))):
         return None
-    return m if m.group(3).startswith("~") or os.path.exists(m.group(3)) else None
+    return None if _read_as_typed(arg, m.group(3)) else m
+
+
+def _read_as_typed(arg: str, text: str) -> bool:
+    """Whether Hydra's override parser reads ``KEY=TEXT`` as the one string ``TEXT``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        override = OverridesParser.create().parse_override(arg)
+    except HydraException:  # its grammar's error, or an OverrideParseException
+        return False
+    return not override.is_sweep_override() and override.value() == text
 
 
 # The folder of train.py, generate.py and eval.py (an editable install: src/charlstm/app/cli.py under it)
@@ -101,38 +112,6 @@ def _closest(word: str, options: Sequence[str]) -> str:
     return f"did you mean {' or '.join(close)}? " if close else ""
 
 
-def _bad_override(args: Sequence[str]) -> str | None:
-    """The first override Hydra's parser cannot read."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    for arg in _overrides(args):
-        try:
-            parser.parse_override(arg)
-        except Exception:  # any parse failure names this override
-            return arg
-    return None
-
-
-def _keys_near(config_dir: Path, config_name: str, args: Sequence[str], key: str) -> list[str]:
-    """The keys beside ``key`` in the config composed without the overrides that name it."""
-    from hydra import compose, initialize_config_dir
-
-    parent, _, _ = key.rpartition(".")
-    rest = [a for a in _overrides(args) if not a.lstrip("+~").startswith(key)]
-    try:
-        with initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):
-            cfg = compose(config_name=config_name, overrides=rest)
-    except Exception:  # the other overrides are broken too: no suggestion then
-        return []
-    from omegaconf import DictConfig, OmegaConf
-
-    node = OmegaConf.select(cfg, parent) if parent else cfg
-    if not isinstance(node, DictConfig):
-        return []
-    return [f"{parent}.{k}" if parent else str(k) for k in node]
-
-
 def _group_and_file(config_dir: Path, config_name: str, args: Sequence[str], group: str, name: str):
     """The configs of ``group``, and the file of the config ``name`` (``experiment/mine``), in the config search
     path of this command (``configs/`` and the folders its ``hydra.searchpath`` adds)."""
@@ -154,52 +133,110 @@ def _group_and_file(config_dir: Path, config_name: str, args: Sequence[str], gro
     return options, os.path.relpath(path) if path.resolve().is_relative_to(Path.cwd()) else str(path)
 
 
+def _chosen_on_command_line(group: str, name: str, args: Sequence[str]) -> bool:
+    """Whether ``args`` choose ``name`` for the config group ``group`` (``experiment=fast``, also in a sweep)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(_overrides(args))
+    except OverrideParseException:
+        return False
+    for override in overrides:
+        if override.key_or_group.lstrip("/") != group:
+            continue
+        values = override.sweep_string_iterator() if override.is_sweep_override() else [override.value()]
+        if name in (str(v) for v in values):
+            return True
+    return False
+
+
+def defaults_list_owner(err: BaseException) -> str | None:
+    """The config whose defaults list names the missing config of Hydra's ``MissingConfigException`` ``err``
+    (``experiment/mine``), or None. Hydra keeps it in the message only (``In 'experiment/mine': Could not load
+    'experiment/plais'.``, hydra/_internal/defaults_list.py), so this reads the text; tests/test_cli.py fails if
+    Hydra words it otherwise."""
+    m = re.match(r"In '([^']+)': Could not load '", str(err))
+    return m.group(1) if m else None
+
+
+def _missing_config_line(err: Any, config_dir: Path, config_name: str, args: Sequence[str]) -> str:
+    """One line for Hydra's ``MissingConfigException``: a choice of a config group that is not there, typed on the
+    command line or named by a config file's defaults list."""
+    group, _, name = str(err.missing_cfg_file).rpartition("/")
+    if not group:
+        return f"config '{name}' was not found in {config_dir}"
+    owner = None if _chosen_on_command_line(group, name, args) else defaults_list_owner(err)
+    if owner is not None:
+        options, path = _group_and_file(config_dir, config_name, args, group, owner)
+        return (
+            f"{path}: its defaults list names {name}, which is not a config in {group}/; "
+            f"{_closest(name, options)}choices: {', '.join(options) or 'none'}"
+        )
+    options = list(err.options or [])
+    return (
+        f"{group}={name} is not a known choice; {_closest(name, options)}"
+        f"choices: {', '.join(options) or 'none'} (files in configs/{group}/)"
+    )
+
+
+def _unknown_key_line(key: str, node: Any) -> str:
+    """One line for an override of ``key``, which is not in the config: the closest keys beside it in ``node`` (the
+    config node that lacks it), else the keys there."""
+    from omegaconf import DictConfig
+
+    parent, _, name = key.rpartition(".")
+    near = [] if not isinstance(node, DictConfig) else [f"{parent}.{k}" if parent else str(k) for k in node]
+    near = [k for k in near if k != "hydra"]  # Hydra's own settings, beside the command's at the top
+    close = (
+        difflib.get_close_matches(key, near, n=2, cutoff=0.8)
+        or [k for k in near if difflib.SequenceMatcher(None, name, k.rpartition(".")[2]).ratio() > 0.75][:2]
+    )
+    hint = f"did you mean {' or '.join(close)}?" if close else f"settings there: {', '.join(near[:12])}"
+    return f"{key} is not a setting: {hint} (to add a new key on purpose: +{key}=VALUE)"
+
+
+def _parse_failure(override: str) -> str:
+    """What Hydra's grammar says of ``override`` alone (the command's error wraps it in more lines)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        OverridesParser.create().parse_override(override)
+    except HydraException as err:  # its grammar's error, or an OverrideParseException
+        return (str(err).splitlines() or ["a syntax error"])[0]
+    return "a syntax error"
+
+
 def hydra_error_line(err: BaseException, config_dir: Path, config_name: str, args: Sequence[str]) -> str:
-    """One line for an error Hydra raised while reading the command line or composing the config."""
-    from hydra.errors import MissingConfigException, OverrideParseException
+    """One line for an error Hydra raised while reading the command line or composing the config, built from the
+    fields of its exception types and from the config itself."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     from charlstm.core.errors import storage_error, write_failure
 
     failed = write_failure(err)  # a run folder that cannot be made (a read-only or full disk)
     if failed is not None:
         return str(storage_error(failed))
-    text = " ".join(str(err).split())
     if isinstance(err, MissingConfigException) and err.missing_cfg_file:
-        group, _, name = str(err.missing_cfg_file).rpartition("/")
-        options = list(err.options or [])
-        parent = re.match(r"In '([^']+)': Could not load", str(err))
-        if group and parent:  # a config file's own defaults list names a file that is not there
-            options, path = _group_and_file(config_dir, config_name, args, group, parent.group(1))
-            return (
-                f"{path}: its defaults list names {name}, which is not a config in {group}/; "
-                f"{_closest(name, options)}choices: {', '.join(options) or 'none'}"
-            )
-        if group:
-            return (
-                f"{group}={name} is not a known choice; {_closest(name, options)}"
-                f"choices: {', '.join(options) or 'none'} (files in configs/{group}/)"
-            )
-        return f"config '{name}' was not found in {config_dir}"
+        return _missing_config_line(err, config_dir, config_name, args)
     if isinstance(err, OverrideParseException):
-        bad = _bad_override(args)
-        where = f"the override {bad!r}" if bad else "an override"
         return (
-            f"cannot read {where} ({text.split(' See https')[0]}); quote a value that holds spaces, commas, "
-            "brackets or quotes, e.g. key='a, b'"
+            f"cannot read the override {err.override!r} ({_parse_failure(err.override)}); quote a value that holds "
+            "spaces, commas, brackets or quotes, e.g. key='a, b'"
         )
     cause = err.__cause__
-    m = re.search(r"full_key: (\S+)", str(cause)) if cause is not None else None
-    if m and "not in struct" in str(cause):
-        key = m.group(1)
-        near = _keys_near(config_dir, config_name, args, key)
-        name = key.rpartition(".")[2]
-        close = (
-            difflib.get_close_matches(key, near, n=2, cutoff=0.8)
-            or [k for k in near if difflib.SequenceMatcher(None, name, k.rpartition(".")[2]).ratio() > 0.75][:2]
-        )
-        hint = f"did you mean {' or '.join(close)}?" if close else f"settings there: {', '.join(near[:12])}"
-        return f"{key} is not a setting: {hint} (to add a new key on purpose: +{key}=VALUE)"
-    return text
+    # Hydra overrides a key with OmegaConf.update on the struct config, and turns OmegaConf's refusal of a key that
+    # is not there into "Could not override" with that refusal as the cause: its full_key is the first missing
+    # level (`modle` of `modle.units`), its parent_node the config node that lacks it.
+    refused = isinstance(err, ConfigCompositionException) and isinstance(cause, (ConfigAttributeError, ConfigKeyError))
+    if refused and cause.full_key:
+        return _unknown_key_line(str(cause.full_key), cause.parent_node)
+    # a value of the wrong type for a typed config (a launcher's schema): OmegaConf names the key and the value
+    if isinstance(err, ConfigCompositionException) and isinstance(cause, ValidationError) and cause.full_key:
+        return f"{cause.full_key}={cause.value!r} is not allowed: {str(cause).splitlines()[0]}"
+    return " ".join(str(err).split())
 
 
 def launcher_without_multirun(args: Sequence[str]) -> str | None:
@@ -235,7 +272,9 @@ def _first_sweep(args: Sequence[str]) -> str | None:
 
 def mode_error_line(err: ValueError, args: Sequence[str]) -> str | None:
     """One line for Hydra's refusal of two modes in one command (``-m`` with ``--cfg``) or of ``--resolve`` without
-    ``--cfg``; None for any other error."""
+    ``--cfg``; None for any other error. Hydra raises these as a bare ValueError (hydra/_internal/utils.py,
+    _run_hydra), with nothing but its text to tell them apart, so this reads the text; tests/test_cli.py fails if
+    Hydra words them otherwise."""
     if str(err).startswith("The --resolve flag can only be used"):
         return "--resolve applies to --cfg (or --help): add --cfg job to print the resolved config, or drop --resolve"
     if not str(err).startswith("Only one of --run, --multirun, --cfg"):
@@ -251,60 +290,6 @@ def mode_error_line(err: ValueError, args: Sequence[str]) -> str | None:
         )
     return f"{' and '.join(given) or 'these options'} cannot be used together: Hydra takes one of -m, --run, --cfg, " \
            "--info and --shell-completion per command"  # fmt: skip
-
-
-# What Hydra's override grammar reads as one plain scalar; any other value (quotes, lists, sweeps, interpolations,
-# escapes, spaces, `1_000`, `inf`, `~`, a leading digit or sign that is not a number ...) goes through Hydra.
-_INT = re.compile(r"[+-]?(?:0|[1-9][0-9]*)")
-_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.[0-9]*|\.[0-9]+|(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][+-]?[0-9]+)")
-_WORD = re.compile(r"[A-Za-z/][A-Za-z0-9_./@-]*")
-_KEY = re.compile(r"[a-z][a-z0-9_]*")
-_NOT_PLAIN = object()
-
-
-def plain_value(text: str) -> Any:
-    """The value Hydra gives ``key=TEXT`` when TEXT is a plain int, float, bool, null or word; else ``_NOT_PLAIN``."""
-    low = text.lower()
-    if _INT.fullmatch(text):
-        return int(text)
-    if _FLOAT.fullmatch(text):
-        return float(text)
-    if low in ("true", "false"):
-        return low == "true"
-    if low == "null":
-        return None
-    if low in ("inf", "nan") or not _WORD.fullmatch(text):
-        return _NOT_PLAIN
-    return text
-
-
-def plain_config(config_dir: Path, config_name: str, args: Sequence[str]) -> Any:
-    """The config Hydra would compose for ``args``, read without Hydra, when that is certain to be the same: the
-    config file composes nothing but itself (its defaults only ``_self_`` and Hydra's own settings, no
-    interpolation), and every argument is ``key=value`` for one of its top-level keys, once, with a plain value
-    (free-text keys such as ``prompt`` take any text, as Hydra is given it quoted). Otherwise None: Hydra reads it."""
-    from omegaconf import DictConfig, OmegaConf
-
-    cfg = OmegaConf.load(Path(config_dir) / f"{config_name}.yaml")
-    defaults = cfg.pop("defaults", [])
-    cfg.pop("hydra", None)
-    own = all(d == "_self_" or (isinstance(d, DictConfig) and all(str(k).startswith("override hydra/") for k in d))
-              for d in defaults)  # fmt: skip
-    if not own or "${" in str(OmegaConf.to_container(cfg, resolve=False)):
-        return None
-    seen = set()
-    for arg in args:
-        key, eq, text = arg.partition("=")
-        if not eq or not _KEY.fullmatch(key) or key not in cfg or key in seen:
-            return None
-        seen.add(key)
-        literal = key in LITERAL_KEYS or literal_path(arg) is not None
-        value = omegaconf_literal(text) if literal else plain_value(text)
-        if value is _NOT_PLAIN:
-            return None
-        cfg[key] = value
-    OmegaConf.set_struct(cfg, True)
-    return cfg
 
 
 _CLOSING = {"[": "]", "{": "}", "(": ")"}
@@ -345,15 +330,13 @@ def quiet_schema_note() -> None:
     warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_\w+' is validated against ConfigStore")
 
 
-def hydra_entry(config_dir: Path, config_name: str, task: str, plain: bool = False) -> Any:
+def hydra_entry(config_dir: Path, config_name: str, task: str) -> Any:
     """Run ``task`` (``module:function`` taking the composed config) under ``@hydra.main``.
 
     Hydra's own errors (unknown choice, mistyped key, unreadable override) become one ``error:`` line and
     exit status 1; ``HYDRA_FULL_ERROR=1`` set by the user still shows Hydra's full traceback. A launcher's
     error (a cluster job that failed) is its one line too. A command that fails takes away the run and sweep
-    folders it claimed and left unused (e.g. a launcher refused before the first job). With ``plain``, a command
-    line :func:`plain_config` can read runs ``task`` without Hydra (generate.py: its start-up is then little more
-    than importing torch).
+    folders it claimed and left unused (e.g. a launcher refused before the first job).
     """
     # At exit, once the exit handlers registered while the command ran are done (logs flushed, files closed), the
     # interpreter's teardown would still collect garbage over every object torch and Lightning made: 0.8 s after
@@ -362,10 +345,6 @@ def hydra_entry(config_dir: Path, config_name: str, task: str, plain: bool = Fal
     # last-in, first-out: this one, registered before the command's, runs after them. An in-process caller is
     # unaffected until its interpreter exits.
     atexit.register(gc.freeze)
-    if plain:
-        cfg = plain_config(config_dir, config_name, sys.argv[1:])
-        if cfg is not None:
-            return _task(task)(cfg)
     split = split_by_shell(sys.argv[1:])
     if split:
         print(f"error: {split}", file=sys.stderr, flush=True)

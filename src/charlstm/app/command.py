@@ -33,7 +33,7 @@ def _exit_status_after_interrupt() -> None:
         os._exit(128 + signal.SIGINT)
 
 
-def run_command(script: str, config_name: str, task: str, plain: bool = False) -> None:
+def run_command(script: str, config_name: str, task: str) -> None:
     """The body of train.py, generate.py and eval.py: ``charlstm.app.cli.hydra_entry`` on the configs beside ``script``,
     where Ctrl-C at any moment ends with exit status 130 and at most one line. While the imports load (seconds,
     before the command handles Ctrl-C itself) it just ends the command; once the command has ended, while the
@@ -47,7 +47,7 @@ def run_command(script: str, config_name: str, task: str, plain: bool = False) -
     try:
         from charlstm.app.cli import hydra_entry
 
-        hydra_entry(Path(script).resolve().parent / "configs", config_name, task, plain=plain)
+        hydra_entry(Path(script).resolve().parent / "configs", config_name, task)
     except KeyboardInterrupt:
         raise SystemExit(128 + signal.SIGINT) from None
     except BrokenPipeError:
