@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import signal
 import time
 import warnings
@@ -198,8 +199,6 @@ def score_test(trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any) 
 def remove_if_empty(folder: Path, root: Path) -> None:
     """A run refused before it started leaves no folder behind (only Hydra's copy of the config and the log),
     nor the date folders above it that it alone made."""
-    import shutil
-
     from charlstm.app.rundir import is_unused
 
     if not is_unused(folder):
