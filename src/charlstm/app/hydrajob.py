@@ -17,6 +17,7 @@ def hydra_overrides() -> list[str] | None:
 
 
 def hydra_run_dir() -> Path | None:
+    """The folder Hydra runs this job in (None when called directly, or before Hydra has one)."""
     if not HydraConfig.initialized():
         return None
     try:
