@@ -231,22 +231,22 @@ def bench_curve(name: str, recipe: list[str], budget_s: float, tmp: Path, val_wi
              f"data.val_max_windows={val_windows}", "callbacks.early_stopping=null"]  # fmt: skip
     cfg = config([*recipe, *extra], tmp / f"curve-{name}")
     curve = _Curve()
-    from charlstm.app import train as train_mod
+    from charlstm.app import build
 
-    original = train_mod.instantiate_named
+    original = build.instantiate_named
 
     def with_curve(group):
         built = original(group)
         return [*built, curve] if group is cfg.get("callbacks") else built
 
-    train_mod.instantiate_named = with_curve
+    build.instantiate_named = with_curve
     try:
         _, objects = train(cfg)
     finally:
-        train_mod.instantiate_named = original
+        build.instantiate_named = original
     # the whole validation split, every char, for the best checkpoint of the run
-    best = objects["trainer"].checkpoint_callback.best_model_path
-    full = full_val_bpc(cfg, best, objects["datamodule"])
+    best = objects.trainer.checkpoint_callback.best_model_path
+    full = full_val_bpc(cfg, best, objects.datamodule)
     return {"points": curve.points, "full_val_bpc_best_ckpt": full, "best_ckpt": best}
 
 

@@ -149,10 +149,10 @@ def test_the_requeue_signal_saves_at_a_step_boundary_requeues_and_the_requeued_j
         _, objects = train(requeue_cfg(make_cfg))
     finally:
         signal.signal(signal.SIGUSR2, previous)
-    trainer = objects["trainer"]
-    assert objects["output_dir"] == tmp_path / "run"
+    trainer = objects.trainer
+    assert objects.output_dir == tmp_path / "run"
     assert trainer.global_step == 12 == checkpoint.load(last)["global_step"]
-    counted = next(cb for cb in objects["callbacks"] if isinstance(cb, CountSteps))
+    counted = next(cb for cb in objects.callbacks if isinstance(cb, CountSteps))
     assert counted.steps == 12 - 7  # nothing trained twice
     assert OmegaConf.load(tmp_path / "run" / "config-resume-1.yaml").ckpt_path == str(last)
     assert handed == [(signal.SIGUSR2, 7)]
@@ -168,7 +168,7 @@ def test_outside_a_submitit_job_the_requeue_signal_is_left_alone(make_cfg, monke
         _, objects = train(cfg)
     finally:
         signal.signal(signal.SIGUSR2, previous)
-    assert seen == [signal.SIGUSR2] and objects["trainer"].global_step == 10
+    assert seen == [signal.SIGUSR2] and objects.trainer.global_step == 10
 
 
 def test_what_the_requeue_hand_over_says(tmp_path):

@@ -64,7 +64,7 @@ def test_train_on_undecodable_text_is_one_line_and_replace_is_opt_in(make_cfg, t
         train(make_cfg("data=file", f"data.path={path}"))
     _, objects = train(make_cfg("data=file", f"data.path={path}", "data.errors=replace", "data.seq_len=20",
                                       "data.val_context=20", "sample.length=0"))  # fmt: skip
-    assert "\ufffd" in objects["datamodule"].vocab.chars
+    assert "\ufffd" in objects.datamodule.vocab.chars
 
 
 def test_train_on_text_too_short_for_a_training_and_a_validation_window(make_cfg, text_file):
@@ -88,10 +88,10 @@ def test_a_large_vocabulary_trains(make_cfg, text_file):
         make_cfg("data=file", f"data.path={path}", "data.seq_len=16", "data.val_context=16", "model.encoding=embedding",
                  "model.embed_dim=8", "data.max_chars=null", "trainer.limit_train_batches=20", "sample.length=10")
     )  # fmt: skip
-    dm = objects["datamodule"]
+    dm = objects.datamodule
     assert len(dm.vocab) > 2900 and dm.train_ids.dtype == torch.int16
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
-    saved = torch.load(objects["output_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
+    saved = torch.load(objects.output_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["hyper_parameters"]["vocab"] == dm.vocab.chars
 
 

@@ -151,7 +151,7 @@ def test_under_ddp_each_rank_trains_on_its_share_of_rank_zeros_shuffle(tmp_path,
 
 
 def test_lightning_keeps_the_datamodules_samplers_under_ddp(make_cfg):
-    from charlstm.app.train import build_trainer
+    from charlstm.app.build import build_trainer
 
     trainer = build_trainer(make_cfg("trainer.precision=32-true"), callbacks=[], loggers=[])
     assert trainer._accelerator_connector.use_distributed_sampler is False

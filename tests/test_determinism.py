@@ -28,8 +28,8 @@ def run(make_cfg, tmp_path, name: str, *overrides: str):
         cfg.callbacks.record = {"_target_": f"{__name__}.RecordLosses"}
         cfg.callbacks.pop("text_sample", None)  # saves time; sampling is seeded on its own
     metrics, objects = train(cfg)
-    record = next(cb for cb in objects["callbacks"] if isinstance(cb, RecordLosses))
-    return record.losses, metrics, objects["model"].state_dict()
+    record = next(cb for cb in objects.callbacks if isinstance(cb, RecordLosses))
+    return record.losses, metrics, objects.model.state_dict()
 
 
 @pytest.mark.parametrize("layout", ["windows", "streams"])

@@ -39,7 +39,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
         cfg.paths.outputs_root = str(root)
         cfg.paths.data_dir = str(data_dir)
     metrics, objects = train(cfg)
-    dm = objects["datamodule"]
+    dm = objects.datamodule
     return {
         "ckpt": root / "run" / "checkpoints" / "last.ckpt",
         "val_bpc": metrics["val/bpc"],
@@ -91,9 +91,9 @@ def test_windows_run_reproduces_a_subsampled_validation(make_cfg, tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     same = evaluate(eval_cfg(f"ckpt={ckpt}", "windows=run"))
     assert abs(same.bits_per_char - metrics["val/bpc"]) < 1e-4
-    assert same.chars == len(objects["datamodule"].val_dataset()) <= 40
+    assert same.chars == len(objects.datamodule.val_dataset()) <= 40
     every = evaluate(eval_cfg(f"ckpt={ckpt}"))
-    assert every.chars == len(objects["datamodule"].val_ids) - 20 > same.chars
+    assert every.chars == len(objects.datamodule.val_ids) - 20 > same.chars
 
 
 def test_ckpt_last_finds_the_newest_run(trained):

@@ -153,7 +153,7 @@ def tiny_run(tmp_path_factory, data_dir) -> dict:
     with open_dict(cfg):
         cfg.paths.output_dir, cfg.paths.outputs_root, cfg.paths.data_dir = str(root / "run"), str(root), str(data_dir)
     _, objects = train(cfg)
-    dm = objects["datamodule"]
+    dm = objects.datamodule
     text = dm.vocab.decode(dm.train_ids)
     big = root / "big.txt"
     big.write_text(text * (2**20 // len(text) + 1), encoding="utf-8")

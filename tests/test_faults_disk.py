@@ -222,7 +222,7 @@ def test_a_checkpoint_of_weights_that_gave_no_sane_loss_is_not_kept(tmp_path, da
     with open_dict(resumed):
         resumed.ckpt_path = str(last)
     metrics, objects = train(resumed)
-    assert objects["trainer"].global_step == 20 and math.isfinite(metrics["val/bpc"])
+    assert objects.trainer.global_step == 20 and math.isfinite(metrics["val/bpc"])
 
 
 def test_a_run_that_diverges_before_any_good_checkpoint_says_none_exists(tmp_path, data_dir):

@@ -99,14 +99,14 @@ def test_a_run_from_init_from_starts_new_with_the_extended_vocabulary(make_cfg, 
     old = torch.load(base_ckpt, weights_only=True)["hyper_parameters"]["vocab"]
     cfg = make_cfg(*BASE[1:], "data=file", f"data.path={text}", f"init_from={base_ckpt}")
     _, objects = train(cfg)
-    model = objects["model"]
+    model = objects.model
     assert model.hparams.init_from == str(base_ckpt.resolve())
     assert model.hparams.vocab == sorted(set(old) | set(text.read_text()))  # '{', '[', '#' ... added, none dropped
     saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
     assert saved.init_from == str(base_ckpt.resolve()) and list(saved.data.vocab) == model.hparams.vocab
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["init_from"] == str(base_ckpt.resolve())
-    assert ckpt["global_step"] == objects["trainer"].global_step  # a new run: its own steps, from 0
+    assert ckpt["global_step"] == objects.trainer.global_step  # a new run: its own steps, from 0
     assert session_hparams(tmp_path / "run")["init_from"] == str(base_ckpt.resolve())
 
 

@@ -219,8 +219,8 @@ def test_cli_unknown_chars_are_one_line(run):
 
 
 def test_callback_samples_after_each_validation_but_not_the_sanity_check(run):
-    callback = next(cb for cb in run["objects"]["callbacks"] if isinstance(cb, TextSample))
-    trainer = run["objects"]["trainer"]
+    callback = next(cb for cb in run["objects"].callbacks if isinstance(cb, TextSample))
+    trainer = run["objects"].trainer
     steps = [step for step, _ in callback.texts]
     assert len(steps) == 2 and steps[-1] == trainer.global_step  # two epochs, the sanity check skipped
     assert all(text.startswith("the ") and len(text) == 44 for _, text in callback.texts)
@@ -233,7 +233,7 @@ def test_callback_writes_tensorboard_text(run):
     acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
     acc.Reload()
     logged = acc.Tensors("samples/text/text_summary")
-    callback = next(cb for cb in run["objects"]["callbacks"] if isinstance(cb, TextSample))
+    callback = next(cb for cb in run["objects"].callbacks if isinstance(cb, TextSample))
     assert [e.step for e in logged] == [step for step, _ in callback.texts]
     assert logged[-1].tensor_proto.string_val[0].decode() == as_markdown(callback.texts[-1][1])
 
@@ -242,7 +242,7 @@ def test_callback_prints_on_the_console_and_respects_every_n_epochs(make_cfg, ca
     cfg = make_cfg("trainer.max_epochs=2", "callbacks.text_sample.every_n_epochs=2", "callbacks.text_sample.length=30",
                    "logger=none", "sample.length=0")  # fmt: skip
     _metrics, objects = train(cfg)
-    callback = next(cb for cb in objects["callbacks"] if isinstance(cb, TextSample))
+    callback = next(cb for cb in objects.callbacks if isinstance(cb, TextSample))
     assert len(callback.texts) == 1
     out = capsys.readouterr().out
     assert f"sample at epoch 1, step {callback.texts[0][0]}:\n{callback.texts[0][1]}\n" in out

@@ -21,7 +21,8 @@ from omegaconf import open_dict
 
 from charlstm.app.cli import command_line
 from charlstm.app.reliability import AtomicCheckpointIO, atomic_write, remove_stale_temporaries
-from charlstm.app.train import epochs_done, train
+from charlstm.app.resume import epochs_done
+from charlstm.app.train import train
 from charlstm.core import checkpoint
 from charlstm.core.errors import DivergenceError, TrainingInterrupted
 from tests.conftest import TINY
@@ -89,7 +90,7 @@ def test_a_finished_run_gives_the_signal_handlers_back(make_cfg):
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     _, objects = train(make_cfg("sample.length=0", "data.max_chars=2000"))
     assert {s: signal.getsignal(s) for s in before} == before
-    assert isinstance(objects["trainer"].strategy.checkpoint_io, AtomicCheckpointIO)  # every file, best-* too
+    assert isinstance(objects.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # every file, best-* too
 
 
 def test_second_ctrl_c_quits_without_saving(make_cfg, tmp_path):
@@ -279,10 +280,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_one_line(tmp_path, data_dir, 
 
     # the run goes on from that step, in the same folder
     _metrics, objects = train(resume_cfg(make_cfg, last, int(epoch) + 1))
-    trainer = objects["trainer"]
+    trainer = objects.trainer
     assert trainer.current_epoch == int(epoch) + 1
     assert trainer.global_step == (int(epoch) + 1) * trainer.num_training_batches
-    assert objects["output_dir"] == tmp_path / "run"
+    assert objects.output_dir == tmp_path / "run"
 
 
 @pytest.mark.slow
@@ -309,7 +310,7 @@ def test_kill_9_loses_at_most_the_steps_since_the_last_periodic_checkpoint(tmp_p
     assert step > first
 
     _metrics, objects = train(resume_cfg(make_cfg, Path("last"), epochs_done(ckpt) + 1))
-    trainer = objects["trainer"]
+    trainer = objects.trainer
     assert step % 4 == 0 or step % trainer.num_training_batches == 0  # a periodic save or an epoch end
     assert trainer.global_step == trainer.current_epoch * trainer.num_training_batches > step
     assert not [p for p in ckpts.iterdir() if p.name.endswith(".tmp")]  # leftovers of the killed write cleared

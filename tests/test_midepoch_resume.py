@@ -54,17 +54,17 @@ def run(make_cfg, folder: Path, *overrides: str, **callbacks) -> tuple[dict, lis
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, objects = train(cfg)
-    steps = next(cb for cb in objects["callbacks"] if isinstance(cb, Steps))
+    steps = next(cb for cb in objects.callbacks if isinstance(cb, Steps))
     return objects, steps.rows, [str(w.message) for w in caught]
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
-    wa, wb = a["model"].state_dict(), b["model"].state_dict()
+    wa, wb = a.model.state_dict(), b.model.state_dict()
     assert wa.keys() == wb.keys()
     for name in wa:
         if name != "best_val_loss":  # the stopped run validated once more (at its stop)
             assert torch.equal(wa[name], wb[name]), name
-    oa, ob = a["trainer"].optimizers[0].state_dict(), b["trainer"].optimizers[0].state_dict()
+    oa, ob = a.trainer.optimizers[0].state_dict(), b.trainer.optimizers[0].state_dict()
     for i, state in oa["state"].items():
         for key, value in state.items():
             assert torch.equal(value, ob["state"][i][key]), (i, key)
@@ -74,8 +74,8 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def test_a_run_stopped_inside_an_epoch_trains_the_rest_of_it_when_resumed(make_cfg, tmp_path, caplog, layout):
     recipe = LAYOUTS[layout]
     a, a_steps, _ = run(make_cfg, tmp_path / "a", *recipe)
-    n = a["trainer"].num_training_batches
-    assert n > 20 and a["trainer"].global_step == 2 * n
+    n = a.trainer.num_training_batches
+    assert n > 20 and a.trainer.global_step == 2 * n
 
     # stopped by trainer.max_steps at step 20 of the first epoch, then resumed without the limit
     b_dir = tmp_path / "b"
@@ -85,7 +85,7 @@ def test_a_run_stopped_inside_an_epoch_trains_the_rest_of_it_when_resumed(make_c
     caplog.set_level(logging.INFO, logger="charlstm")
     b, b_steps, b_warnings = run(make_cfg, b_dir, *recipe, "trainer.max_steps=-1", "ckpt_path=last")
 
-    assert b["trainer"].global_step == 2 * n and b["trainer"].current_epoch == 2
+    assert b.trainer.global_step == 2 * n and b.trainer.current_epoch == 2
     assert b_steps == a_steps[20:]  # the same batches in the same order, the same losses, the same epoch numbers
     assert [epoch for _, epoch, *_ in b_steps] == [(step - 1) // n for step, *_ in b_steps]
     assert_same_weights(a, b)
@@ -249,7 +249,7 @@ def test_ddp_cpu_resumed_inside_an_epoch_ends_with_the_weights_of_an_uninterrupt
 def test_ctrl_c_on_an_epochs_last_batch_resumes_with_the_next_epoch_whole(make_cfg, tmp_path, layout, limit):
     recipe = (*LAYOUTS[layout], *([f"trainer.limit_train_batches={limit}"] if limit else []))
     a, a_steps, _ = run(make_cfg, tmp_path / "a", *recipe)
-    n = a["trainer"].num_training_batches
+    n = a.trainer.num_training_batches
     signal = {"_target_": "tests.test_interrupt.SendSignal", "step": n, "signum": 2}
     with pytest.raises(TrainingInterrupted):
         run(make_cfg, tmp_path / "b", *recipe, signal=signal)

@@ -78,8 +78,8 @@ def test_train_resolves_auto_before_the_trainer(make_cfg, monkeypatch):
     fake_cpu(monkeypatch, AVX2_ONLY, "AVX2")
     _, objects = train(make_cfg("trainer.max_steps=2", "logger=none", "sample.length=0", "trainer.limit_val_batches=0",
                                 "callbacks.early_stopping=null"))  # fmt: skip
-    assert objects["trainer"].precision == "32-true"
-    assert objects["cfg"].trainer.precision == "32-true"  # the saved config says what ran
+    assert objects.trainer.precision == "32-true"
+    assert objects.cfg.trainer.precision == "32-true"  # the saved config says what ran
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +96,14 @@ def bf16_run(tmp_path_factory, data_dir):
     with open_dict(cfg):
         cfg.paths.output_dir, cfg.paths.outputs_root, cfg.paths.data_dir = str(tmp / "run"), str(tmp), str(data_dir)
     _, objects = train(cfg)
-    assert objects["trainer"].precision == "bf16-mixed"
+    assert objects.trainer.precision == "bf16-mixed"
     return {"ckpt": tmp / "run" / "checkpoints" / "last.ckpt", "objects": objects}
 
 
 def test_generation_from_a_bf16_mixed_checkpoint_computes_in_fp32(bf16_run):
     gen = Generator.from_checkpoint(bf16_run["ckpt"])
     assert {p.dtype for p in gen.net.parameters()} == {torch.float32}
-    trained = bf16_run["objects"]["model"].net
+    trained = bf16_run["objects"].model.net
     for (name, mine), (_, theirs) in zip(gen.net.state_dict().items(), trained.state_dict().items(), strict=True):
         assert torch.equal(mine, theirs.float()), name
     text = gen.generate("the ", 40, 0.8, seed=3)[0]
@@ -129,7 +129,8 @@ def test_bf16_mixed_clips_the_fused_optimizer(make_cfg, monkeypatch):
     """bf16-mixed with trainer.gradient_clip_val: the fused AdamW runs, and its gradients are clipped."""
     import pytorch_lightning as pl
 
-    from charlstm.app import train as train_module
+    from charlstm.app import build
+    from charlstm.app.train import train
 
     norms = []
 
@@ -141,8 +142,8 @@ def test_bf16_mixed_clips_the_fused_optimizer(make_cfg, monkeypatch):
     cfg = make_cfg("trainer.precision=bf16-mixed", "trainer.gradient_clip_val=0.001", "trainer.max_steps=3",
                    "model.optimizer=adamw", "logger=none", "sample.length=0", "callbacks.early_stopping=null",
                    "trainer.limit_val_batches=0")  # fmt: skip
-    built = train_module.instantiate_named
-    monkeypatch.setattr(train_module, "instantiate_named", lambda group: [*built(group), Norms()])
-    _, objects = train_module.train(cfg)
-    assert all(group["fused"] for group in objects["trainer"].optimizers[0].param_groups)
+    built = build.instantiate_named
+    monkeypatch.setattr(build, "instantiate_named", lambda group: [*built(group), Norms()])
+    _, objects = train(cfg)
+    assert all(group["fused"] for group in objects.trainer.optimizers[0].param_groups)
     assert len(norms) == 3 and max(norms) <= 0.001 * 1.001

@@ -52,9 +52,9 @@ def cfg_in(make_cfg, folder: Path, *overrides: str):
 
 def assert_same_state(a: dict, b: dict) -> None:
     """Everything a run ends with: weights, optimizer and scheduler state, loop position, best-metric tracking."""
-    ta, tb = a["trainer"], b["trainer"]
+    ta, tb = a.trainer, b.trainer
     assert (ta.global_step, ta.current_epoch) == (tb.global_step, tb.current_epoch)
-    wa, wb = a["model"].state_dict(), b["model"].state_dict()
+    wa, wb = a.model.state_dict(), b.model.state_dict()
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
@@ -120,12 +120,12 @@ def test_resume_after_a_crash_continues_in_the_same_run_folder_and_tensorboard_l
     assert max(scalars(run, "train/loss")) > 30
 
     _, objects = train(make_cfg(*base, "trainer.max_epochs=2", "ckpt_path=last"))
-    assert objects["output_dir"] == run
+    assert objects.output_dir == run
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoints"]
     assert len(list(run.glob("events.out.tfevents.*"))) == 2  # one log, two sessions
     # the steps logged after the checkpoint by the first session are hidden: one curve, every step once
     steps = scalars(run, "train/loss")  # at the steps done: 1, 2, ...
-    assert steps == list(range(1, objects["trainer"].global_step + 1))
+    assert steps == list(range(1, objects.trainer.global_step + 1))
     assert (run / "config.yaml").is_file() and (run / "config-resume-1.yaml").is_file()
     assert OmegaConf.load(run / "config-resume-1.yaml").ckpt_path == "last"
 
@@ -194,8 +194,8 @@ def test_checkpoint_outside_a_run_folder_resumes_into_a_new_one(make_cfg, tmp_pa
     loose.parent.mkdir()
     shutil.copy(finished, loose)
     _, objects = train(make_cfg("trainer.max_epochs=2", f"ckpt_path={loose}", "sample.length=0"))
-    assert objects["output_dir"] == tmp_path / "run"
-    assert objects["trainer"].current_epoch == 2
+    assert objects.output_dir == tmp_path / "run"
+    assert objects.trainer.current_epoch == 2
     assert sorted(p.name for p in loose.parent.iterdir()) == ["model.ckpt"]  # nothing written beside it
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] > 0
 
@@ -209,20 +209,20 @@ def test_a_resume_with_another_learning_rate_scales_the_restored_optimizer(make_
     copy_at_epoch_start(cfg, tmp_path / "a", epoch_end)
     _, a = train(cfg)
     _, b = train(cfg_in(make_cfg, tmp_path / "b", *recipe, "model.lr=0.005", f"ckpt_path={epoch_end}"))
-    opt_a, opt_b = a["trainer"].optimizers[0], b["trainer"].optimizers[0]
-    assert b["trainer"].global_step == a["trainer"].global_step
+    opt_a, opt_b = a.trainer.optimizers[0], b.trainer.optimizers[0]
+    assert b.trainer.global_step == a.trainer.global_step
     for group_a, group_b in zip(opt_a.param_groups, opt_b.param_groups, strict=True):
         # the same point of the schedule, at half the rate
         assert group_b["lr"] == pytest.approx(group_a["lr"] / 2, rel=1e-9)
     if scheduler == "none":
         assert [g["lr"] for g in opt_b.param_groups] == [0.005, 0.005]
     else:
-        assert b["trainer"].lr_scheduler_configs[0].scheduler.base_lrs == pytest.approx([0.005, 0.005])
+        assert b.trainer.lr_scheduler_configs[0].scheduler.base_lrs == pytest.approx([0.005, 0.005])
         assert opt_b.param_groups[0]["lr"] < 0.005  # decayed from the new peak
 
 
 def test_config_yaml_is_written_whole_or_not_at_all(make_cfg, tmp_path, monkeypatch):
-    from charlstm.app.train import save_run_config
+    from charlstm.app.runconfig import save_run_config
     from charlstm.core import fileio
 
     cfg = make_cfg()

@@ -129,10 +129,10 @@ def test_time_bounded_run_uses_the_time_schedule_and_saves_its_clock(make_cfg, t
     cfg = make_cfg("model.scheduler=cosine", "model.warmup_fraction=0.1", "trainer.max_time=00:00:01:00",
                    "trainer.max_epochs=1", "trainer.max_steps=-1", "logger=none")  # fmt: skip
     _, objects = train(cfg)
-    model = objects["model"]
+    model = objects.model
     assert model.clock is not None and model.clock.elapsed() > 0
     # one epoch ended the run long before the minute: the step bound drove the schedule to its floor
-    lr = objects["trainer"].optimizers[0].param_groups[0]["lr"]
+    lr = objects.trainer.optimizers[0].param_groups[0]["lr"]
     assert lr == pytest.approx(cfg.model.lr * cfg.model.min_lr_ratio, abs=cfg.model.lr * 0.05)
     saved = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert saved[CLOCK_KEY]["train_s"] > 0
@@ -144,7 +144,7 @@ def test_step_bounded_run_keeps_the_step_schedule(make_cfg):
     cfg = make_cfg("model.scheduler=cosine", "model.warmup_steps=2", "trainer.max_steps=6", "logger=none",
                    "trainer.limit_val_batches=0", "callbacks.early_stopping=null", "trainer.max_epochs=-1")  # fmt: skip
     _, objects = train(cfg)
-    assert objects["model"].clock.budget is None  # no time budget: the clock only measures the training time
+    assert objects.model.clock.budget is None  # no time budget: the clock only measures the training time
 
 
 def test_resume_continues_the_schedule_from_the_saved_training_time(make_cfg, tmp_path):
@@ -158,11 +158,11 @@ def test_resume_continues_the_schedule_from_the_saved_training_time(make_cfg, tm
     ckpt[CLOCK_KEY] = {"train_s": 500.0, "horizon": 550.0}  # as if 500 of a 550-s horizon had been trained
     torch.save(ckpt, last)
     _, objects = train(make_cfg(*quiet, "trainer.max_steps=5", f"ckpt_path={last}"))
-    clock = objects["model"].clock
+    clock = objects.model.clock
     assert clock.elapsed() >= 500.0
-    lr = objects["trainer"].optimizers[0].param_groups[0]["lr"]
+    lr = objects.trainer.optimizers[0].param_groups[0]["lr"]
     assert lr <= cosine(500.0 / 550.0, 0.0) * cfg_lr(objects) + 1e-9  # past 90% of the run, not back at the start
 
 
 def cfg_lr(objects) -> float:
-    return float(objects["cfg"].model.lr)
+    return float(objects.cfg.model.lr)

@@ -129,10 +129,10 @@ def pruning_cfg(make_cfg, url: str):
 def test_a_trial_worse_than_the_median_stops_at_that_validation_and_is_told_pruned(tmp_path, make_cfg):
     study, url, running = make_study(tmp_path, other_trial_loss=0.01)
     metrics, objects = train(pruning_cfg(make_cfg, url))
-    trainer = objects["trainer"]
+    trainer = objects.trainer
     assert trainer.global_step == 2  # stopped at its first validation, of four
-    assert pruning.pruned_at(objects["callbacks"]) == 2
-    assert (objects["output_dir"] / "checkpoints" / "last.ckpt").is_file()  # a clean stop: checkpoints written
+    assert pruning.pruned_at(objects.callbacks) == 2
+    assert (objects.output_dir / "checkpoints" / "last.ckpt").is_file()  # a clean stop: checkpoints written
     trial = study.trials[1]
     assert trial.user_attrs[pruning.PRUNED_AT] == 2
     assert trial.intermediate_values == {2: pytest.approx(metrics["val/loss"])}
@@ -143,8 +143,8 @@ def test_a_trial_worse_than_the_median_stops_at_that_validation_and_is_told_prun
 def test_a_trial_better_than_the_median_trains_to_its_end(tmp_path, make_cfg):
     study, url, _ = make_study(tmp_path, other_trial_loss=100.0)
     _, objects = train(pruning_cfg(make_cfg, url))
-    assert objects["trainer"].global_step == 8
-    assert pruning.pruned_at(objects["callbacks"]) is None
+    assert objects.trainer.global_step == 8
+    assert pruning.pruned_at(objects.callbacks) is None
     assert sorted(study.trials[1].intermediate_values) == [2, 4, 6, 8]
     assert pruning.PRUNED_AT not in study.trials[1].user_attrs
 

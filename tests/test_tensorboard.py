@@ -77,7 +77,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
         cfg.paths.data_dir = str(data_dir)
     metrics, objects = train(cfg)
     logdir = root / "run"
-    return SimpleNamespace(metrics=metrics, logdir=logdir, acc=events(logdir), model=objects["model"], root=root,
+    return SimpleNamespace(metrics=metrics, logdir=logdir, acc=events(logdir), model=objects.model, root=root,
                            objects=objects)  # fmt: skip
 
 
@@ -153,9 +153,9 @@ def test_the_readmes_tensorboard_tags_are_the_event_files_tags(run):
 
 
 def test_validation_points_sit_at_the_steps_the_console_prints(run):
-    history = next(cb.history for cb in run.objects["callbacks"] if isinstance(cb, ValidationLog))
+    history = next(cb.history for cb in run.objects.callbacks if isinstance(cb, ValidationLog))
     console = [step for step, _ in history]
-    assert len(console) == 2 and console[-1] == run.objects["trainer"].global_step
+    assert len(console) == 2 and console[-1] == run.objects.trainer.global_step
     for tag in ("val/bpc", "val/loss", "hp/val_bpc", "hp/train_seconds"):
         assert [s.step for s in run.acc.Scalars(tag)] == console, tag
     assert [s.step for s in run.acc.Scalars("test/bpc")] == console[-1:]  # the held-out text, scored at the end
@@ -172,7 +172,7 @@ def test_the_time_schedule_draws_one_learning_rate_curve(make_cfg, tmp_path):
                    "trainer.max_steps=-1", "trainer.limit_val_batches=0", "callbacks.early_stopping=null",
                    "trainer.log_every_n_steps=1", "callbacks.model_checkpoint=null")  # fmt: skip
     _, objects = train(cfg)
-    assert len(objects["trainer"].optimizers[0].param_groups) == 2
+    assert len(objects.trainer.optimizers[0].param_groups) == 2
     acc = events(tmp_path / "run")
     assert [t for t in acc.Tags()["scalars"] if "lr" in t] == ["train/lr"]
     values = [s.value for s in acc.Scalars("train/lr")]

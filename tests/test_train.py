@@ -34,7 +34,7 @@ def test_train_writes_checkpoints_events_and_config(tiny_run):
     assert list(out.glob("events.out.tfevents.*"))  # in the run folder: TensorBoard names the run by it
     saved = OmegaConf.load(out / "config.yaml")
     assert saved.model.units == 16 and saved.data.seq_len == 50
-    assert objects["trainer"].current_epoch == 2
+    assert objects.trainer.current_epoch == 2
     for key in ("train/loss", "val/loss", "val/bpc", "val/ppl", "val/loss_best", "val/bpc_best"):
         assert key in metrics
     assert metrics["val/bpc"] == pytest.approx(metrics["val/loss"] / torch.log(torch.tensor(2.0)).item())
@@ -45,13 +45,13 @@ def test_checkpoint_loads_with_weights_only_and_needs_no_corpus(tiny_run):
     _, objects, out = tiny_run
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     hp = ckpt["hyper_parameters"]
-    assert hp["vocab"] == objects["datamodule"].vocab.to_list()
+    assert hp["vocab"] == objects.datamodule.vocab.to_list()
     assert (hp["encoding"], hp["units"], hp["layers"], hp["seq_len"], hp["layout"]) == (
         "normalized", 16, 2, 50, "windows",
     )  # fmt: skip
     model = CharLSTMModule(**hp)
     model.load_state_dict(ckpt["state_dict"])
-    for name, tensor in objects["model"].state_dict().items():
+    for name, tensor in objects.model.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
     assert load(out / "checkpoints" / "last.ckpt")["global_step"] == ckpt["global_step"] > 0
 
@@ -59,7 +59,7 @@ def test_checkpoint_loads_with_weights_only_and_needs_no_corpus(tiny_run):
 def test_training_reduces_loss(tiny_run):
     metrics, objects, _ = tiny_run
     # an untrained model predicts ~uniformly: ln(vocab) nats/char
-    uniform = torch.log(torch.tensor(float(len(objects["datamodule"].vocab)))).item()
+    uniform = torch.log(torch.tensor(float(len(objects.datamodule.vocab)))).item()
     assert metrics["val/loss"] < uniform
 
 
@@ -137,7 +137,7 @@ def test_a_held_out_test_text_is_scored_once_on_the_best_checkpoint(make_cfg):
 
     metrics, objects = train(make_cfg("data.test_fraction=0.1", "trainer.max_epochs=2", "trainer.precision=32-true",
                                       "data.val_context=20"))  # fmt: skip
-    dm, trainer = objects["datamodule"], objects["trainer"]
+    dm, trainer = objects.datamodule, objects.trainer
     best = next(cb for cb in trainer.checkpoint_callbacks if getattr(cb, "best_model_path", ""))
     net = build_net(load(best.best_model_path))
     total, count = score_batches(
