@@ -145,8 +145,7 @@ class CharLSTMOptunaSweeper(Sweeper):
             if ret.status == JobStatus.COMPLETED:
                 value = ret.return_value
             else:
-                err = ret._return_value
-                error = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+                error = job_error(ret)
             if value is None and error is None:  # a failed job records its one-line error in result.json
                 from charlstm.app.summary import read_result
 
@@ -235,3 +234,17 @@ def is_running(study: Any, number: int) -> bool:
     from charlstm.app import search
 
     return search.stored(study, number).state == TrialState.RUNNING
+
+
+def job_error(ret: JobReturn) -> str:
+    """A failed job's exception in one line. Hydra's public ``JobReturn.return_value`` raises it, after writing its
+    own "Error executing job" line to stderr, which is left out here: the error goes into the study and summary."""
+    import contextlib
+    import io
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            _ = ret.return_value
+    except Exception as err:
+        return " ".join(f"{type(err).__name__}: {err}".split())[:300]
+    return f"job ended as {ret.status.name.lower()}"
