@@ -82,7 +82,7 @@ class CharLSTMOptunaSweeper(Sweeper):
         probe = fixed + [search.override(k, first_value(d)) for k, d in space.items()]
         self.validate_batch_is_legal([probe])  # a mistyped key fails here, before any trial exists
         url = search.storage_url(s["storage"], sweep_dir)
-        study = search.open_study(url, s["study_name"], s["direction"], fixed, s["seed"], s["startup_trials"],
+        study, storage = search.open_study(url, s["study_name"], s["direction"], fixed, s["seed"], s["startup_trials"],
                                   s["pruner"], s["heartbeat_interval"])  # fmt: skip
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         name_jobs_by_params()
@@ -92,9 +92,9 @@ class CharLSTMOptunaSweeper(Sweeper):
         returns: list[JobReturn] = []
         try:
             while (done := search.counted(study)) < n_trials:
-                search.requeue_stale(study)  # another worker's trials whose process is gone run again
+                search.requeue_stale(study, storage)  # another worker's trials whose process is gone run again
                 trials = [study.ask(space) for _ in range(max(1, min(int(s["n_jobs"]), n_trials - done)))]
-                with search.heartbeats(study, trials):
+                with search.heartbeats(storage, study, trials):
                     returns += self._run(study, trials, fixed, url, metric)
         except BaseException as err:
             self._report(study, fixed, sweep_dir, metric, final=False)  # the trials so far
@@ -130,7 +130,7 @@ class CharLSTMOptunaSweeper(Sweeper):
                 if not is_running(study, t.number):
                     continue
                 if interrupted:
-                    search.mark_interrupted(study, t.number, t.params)
+                    search.mark_interrupted(study, t)
                 else:
                     why = f"exit status {code}" if isinstance(err, SystemExit) else f"{type(err).__name__}: {err}"
                     self._tell(study, t, None, " ".join(why.split())[:300], metric)
