@@ -120,6 +120,18 @@ def test_a_value_left_missing_is_named(make_cfg):
     assert str(info.value) == "data.seq_len must be set: add data.seq_len=VALUE to the command"
 
 
+def test_a_missing_value_is_found_deep_inside_without_resolving_interpolations():
+    from omegaconf import OmegaConf
+
+    from charlstm.app.config import check_missing
+
+    cfg = OmegaConf.create({"a": "${hydra:runtime.output_dir}", "b": "${c}", "c": {"d": None, "e": {"f": "???"}}})
+    with pytest.raises(ConfigError, match=r"^c\.e\.f must be set"):
+        check_missing(cfg)
+    cfg.c.e.f = 1
+    check_missing(cfg)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_gpu_without_a_gpu_is_one_line(make_cfg):
     with pytest.raises(ConfigError) as info:

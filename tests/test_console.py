@@ -199,3 +199,17 @@ def test_the_console_filter_keeps_device_lines_and_other_processes_info_lines_of
     monkeypatch.setenv("LOCAL_RANK", "1")  # the second process of a DDP run: its start lines would repeat rank 0's
     assert not console.filter(record("charlstm.app.train", logging.INFO, "training: recipe default"))
     assert console.filter(record("charlstm.app.train", logging.WARNING, "something real"))
+
+
+@pytest.mark.parametrize(("limits", "text"), [({"max_steps": 5}, "Epoch 3"), ({"max_epochs": 4}, "Epoch 3/3")])
+def test_the_bars_epoch_text_has_no_limit_when_the_run_has_none(limits, text):
+    """RichBar fills in Lightning's protected hook for the bar's epoch text: it must still be the one the bar uses."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import RichProgressBar
+
+    from charlstm.training.progress import RichBar
+
+    assert callable(vars(RichProgressBar).get("_get_train_description"))
+    bar = RichBar()
+    bar.setup(pl.Trainer(callbacks=[bar], logger=False, enable_checkpointing=False, **limits), None, "fit")
+    assert bar._get_train_description(3).strip() == text

@@ -150,11 +150,30 @@ def test_under_ddp_each_rank_trains_on_its_share_of_rank_zeros_shuffle(tmp_path,
     assert set(shares[0] + shares[1]) == set(range(n)) and shares[0] != shares[1]
 
 
-def test_lightning_keeps_the_datamodules_samplers_under_ddp(make_cfg):
-    from charlstm.app.build import build_trainer
+def test_lightning_keeps_the_datamodules_samplers_under_ddp(make_cfg, monkeypatch):
+    """DDP in one process: Lightning would put its DistributedSampler in the loaders it was given."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DistributedSampler
 
-    trainer = build_trainer(make_cfg("trainer.precision=32-true"), callbacks=[], loggers=[])
-    assert trainer._accelerator_connector.use_distributed_sampler is False
+    from charlstm.app.jobranks import DIST_ENV
+    from charlstm.app.train import train
+    from charlstm.data.windows import ShuffledWindows
+
+    for name in DIST_ENV:  # what Lightning's launcher sets in this process: taken away again after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+    cfg = make_cfg("trainer=ddp_cpu", "trainer.devices=1", "trainer.max_steps=1",
+                   "trainer.limit_val_batches=1", "trainer.val_check_interval=1", "data.layout=windows")  # fmt: skip
+    try:
+        _, objects = train(cfg)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    trainer = objects.trainer
+    assert trainer.world_size == 1 and isinstance(trainer.strategy, pl.strategies.DDPStrategy)
+    assert isinstance(trainer.train_dataloader.sampler, ShuffledWindows)
+    assert not isinstance(trainer.val_dataloaders.sampler, DistributedSampler)
 
 
 def test_extra_plays_add_training_text_only(tmp_path):

@@ -104,3 +104,22 @@ def test_ddp_cpu_in_a_local_sweep_trains_each_job_once_in_its_own_folder(tmp_pat
         rows = list(csv.DictReader(fh))
     assert sorted((r["overrides"], r["state"]) for r in rows) == [("model.units=12", "complete"),
                                                                  ("model.units=8", "complete")]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("strategy", "env", "reruns"),
+    [("ddp", {}, True), ("ddp_spawn", {}, False), ("ddp_fork", {}, False), ("auto", {}, False),
+     ("ddp", {"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "n1", "SLURM_PROCID": "0",
+              "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_ID": "1"}, False)],
+)  # fmt: skip
+def test_only_lightnings_script_launcher_is_taken_to_rerun_the_command_line(strategy, env, reruns, monkeypatch):
+    """A sweep job's DDP ranks are pointed at the job (jobranks) only when Lightning re-runs the command line."""
+    import pytorch_lightning as pl
+
+    from charlstm.app.jobranks import starts_ranks
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    devices = 1 if strategy == "auto" else 2
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_progress_bar=False)
+    assert starts_ranks(trainer) is reruns

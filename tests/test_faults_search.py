@@ -81,10 +81,10 @@ def age_heartbeats(db: Path, seconds: int) -> None:
 
 def test_a_running_trial_whose_process_sends_heartbeats_is_left_to_it(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    first = search.open_study(url, "s", "minimize", ["a=1"], 0, 1, {})
+    first, storage = search.open_study(url, "s", "minimize", ["a=1"], 0, 1, {})
     trial = first.ask({"x": FloatDistribution(0, 1)})
-    with search.heartbeats(first, [trial]):
-        second = search.open_study(url, "s", "minimize", ["a=1"], 0, 1, {})  # another worker joins
+    with search.heartbeats(storage, first, [trial]):
+        second, _ = search.open_study(url, "s", "minimize", ["a=1"], 0, 1, {})  # another worker joins
         assert second.trials[0].state == TrialState.RUNNING and search.INTERRUPTED not in second.trials[0].user_attrs
         first.tell(trial, 0.5)  # its own process ends it
     assert first.trials[0].state == TrialState.COMPLETE and len(first.trials) == 1
@@ -93,13 +93,13 @@ def test_a_running_trial_whose_process_sends_heartbeats_is_left_to_it(tmp_path):
 def test_a_trial_whose_process_is_gone_runs_again_and_is_not_counted(tmp_path):
     db = tmp_path / "study.db"
     url = f"sqlite:///{db}"
-    study = search.open_study(url, "s", "minimize", ["a=1"], 0, 1, {}, heartbeat_interval=1)
+    study, storage = search.open_study(url, "s", "minimize", ["a=1"], 0, 1, {}, heartbeat_interval=1)
     study.tell(study.ask({"x": FloatDistribution(0, 1)}), 0.5)
     left = study.ask({"x": FloatDistribution(0, 1)})
-    with search.heartbeats(study, [left]):  # Optuna's heartbeat thread records it in the storage
+    with search.heartbeats(storage, study, [left]):  # its heartbeat is recorded in the storage
         pass
     age_heartbeats(db, 10)  # the process died: no heartbeat for 10 s, more than twice the interval
-    study = search.open_study(url, "s", "minimize", ["a=1"], 0, 1, {}, heartbeat_interval=1)
+    study, _ = search.open_study(url, "s", "minimize", ["a=1"], 0, 1, {}, heartbeat_interval=1)
     assert study.trials[1].state == TrialState.FAIL and study.trials[1].user_attrs[search.INTERRUPTED]
     assert search.counted(study) == 1
     again = study.ask({"x": FloatDistribution(0, 1)})

@@ -200,7 +200,7 @@ def test_a_resumed_loader_with_another_sampler_skips_the_batches_read():
 def test_a_streams_state_saved_by_another_number_of_processes_is_not_carried_on():
     class Module:  # what own_stream_state reads of a LightningModule
         def __init__(self, rank: int, world: int) -> None:
-            self._trainer = self.trainer = type("T", (), {"global_rank": rank, "world_size": world})()
+            self.trainer = type("T", (), {"global_rank": rank, "world_size": world})()
 
     h, c = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
     mine = own_stream_state(Module(1, 2), (h, c))

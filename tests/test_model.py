@@ -105,3 +105,15 @@ def test_fused_optimizer_is_clipped_by_norm_without_lightning():
     assert norm.item() == pytest.approx(0.5, rel=1e-4)
     m.configure_gradient_clipping(opt, 0.01, "value")
     assert max(p.grad.abs().max().item() for p in m.parameters()) == pytest.approx(0.01)
+
+
+def test_trainer_of_a_module_on_its_own_is_none_and_the_attached_one_otherwise():
+    import pytorch_lightning as pl
+
+    from charlstm.training.datamodule import trainer_of
+
+    m = CharLSTMModule(vocab=list("abc"), units=4, layers=1)
+    assert trainer_of(m) is None
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    m.trainer = trainer
+    assert trainer_of(m) is trainer

@@ -240,3 +240,46 @@ def test_config_yaml_is_written_whole_or_not_at_all(make_cfg, tmp_path, monkeypa
         save_run_config(cfg, run, None, 0)
     assert (run / "config.yaml").read_bytes() == first  # the old file, whole
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # no temporary left behind
+
+
+class PlateauModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        self.log("loss", loss)
+        return loss
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=2)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt),
+                                                   "monitor": "loss"}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("limits", "pending"),
+    [({"max_epochs": 1}, 1), ({"max_epochs": 1, "limit_train_batches": 2}, 1), ({"max_steps": 3}, 0)],
+    ids=["whole-epoch", "limit_train_batches", "stopped-inside-the-epoch"],
+)
+def test_the_plateau_step_carried_in_an_epoch_end_checkpoint_is_the_one_lightning_takes(limits, pending):
+    """An epoch-end checkpoint carries the ReduceLROnPlateau step Lightning takes after the hook: only after an
+    epoch that ran to its last batch (limit_train_batches counts as the end), not when max_steps stops inside it."""
+    from charlstm.app.reliability import pending_plateau_steps
+
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append(pending_plateau_steps(trainer))
+
+    trainer = pl.Trainer(callbacks=[Record()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, **limits)  # fmt: skip
+    trainer.fit(PlateauModule())
+    assert len(seen) == 1 and len(seen[0]) == pending
+    if pending:
+        assert seen[0][0] == (0, pytest.approx(float(trainer.callback_metrics["loss"])))

@@ -107,7 +107,7 @@ def make_study(tmp_path: Path, other_trial_loss: float) -> tuple[optuna.Study, s
     """A study with one complete trial that reported ``other_trial_loss`` at every step, and trial 1 running (its
     ``Trial`` object returned, as the sweeper holds it while the job runs)."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    study = search.open_study(url, "s", "minimize", [], 0, 1, {"name": "median", "startup_trials": 1})
+    study, _ = search.open_study(url, "s", "minimize", [], 0, 1, {"name": "median", "startup_trials": 1})
     done = study.ask()
     for step in range(1, 101):
         done.report(other_trial_loss, step)
@@ -241,12 +241,14 @@ class FakeLauncher:
         outcome = self.outcomes.pop(0)
         if isinstance(outcome, BaseException):
             raise outcome
+        if isinstance(outcome, JobReturn):
+            return [outcome]
         return [JobReturn(status=JobStatus.COMPLETED, _return_value=outcome)]
 
 
 def test_the_sweeper_tells_the_study_how_each_job_ended(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    study = search.open_study(url, "s", "minimize", ["a=1"], 0, 1, {})
+    study, _ = search.open_study(url, "s", "minimize", ["a=1"], 0, 1, {})
     sweeper = CharLSTMOptunaSweeper()
     sweeper.launcher = FakeLauncher(2.5, float("nan"), SystemExit(1), SystemExit(130))
     space = {"x": FloatDistribution(0, 1)}
@@ -265,3 +267,18 @@ def test_the_sweeper_tells_the_study_how_each_job_ended(tmp_path):
     assert trials[2].user_attrs[search.ERROR] == "exit status 1"
     assert trials[3].user_attrs[search.INTERRUPTED] and trials[4].state == TrialState.WAITING
     assert search.counted(study) == 3
+
+
+def test_a_job_that_raised_is_told_to_the_study_as_its_error_in_one_line(tmp_path, capfd):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study, _ = search.open_study(url, "s", "minimize", ["a=1"], 0, 1, {})
+    sweeper = CharLSTMOptunaSweeper()
+    failed = JobReturn(status=JobStatus.FAILED, _return_value=ConfigError("data.max_chars=0\nis too small"))
+    sweeper.launcher = FakeLauncher(failed)
+    sweeper._run(study, [study.ask({"x": FloatDistribution(0, 1)})], ["a=1"], url, "val/bpc_best")
+    (trial,) = study.get_trials()
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs[search.ERROR] == "ConfigError: data.max_chars=0 is too small"
+    assert "Error executing job" not in capfd.readouterr().err

@@ -198,8 +198,10 @@ def _missing(node: DictConfig, prefix: str = "") -> list[str]:
         if OmegaConf.is_missing(node, key):
             found.append(f"{prefix}{key}")
             continue
-        child = node._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_interpolation() and not child._is_none():
+        if OmegaConf.is_interpolation(node, key):
+            continue
+        child = node.get(key)
+        if isinstance(child, DictConfig):
             found.extend(_missing(child, f"{prefix}{key}."))
     return found
 

@@ -29,13 +29,16 @@ RANK_EXIT_S = 120
 
 
 def starts_ranks(trainer: Any) -> bool:
-    """True when ``trainer`` starts its other ranks by re-running the command line (Lightning's DDP default)."""
-    from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    """True when ``trainer`` starts its other ranks by re-running the command line (Lightning's DDP default).
 
+    Told by what the strategy's launcher shows publicly: none (one process); interactive-compatible (forked ranks,
+    which run the function, not the script); without a ``cluster_environment`` of its own (spawned ranks); or one
+    whose processes a scheduler creates (SLURM, torchrun)."""
     launcher = getattr(trainer.strategy, "launcher", None)
-    if not isinstance(launcher, _SubprocessScriptLauncher):
+    if launcher is None or launcher.is_interactive_compatible:
         return False
-    return not launcher.cluster_environment.creates_processes_externally
+    environment = getattr(launcher, "cluster_environment", None)
+    return environment is not None and not environment.creates_processes_externally
 
 
 def multirun_job() -> Any | None:

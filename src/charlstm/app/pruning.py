@@ -46,9 +46,9 @@ def make_pruner(settings: dict[str, Any]) -> optuna.pruners.BasePruner:
     )
 
 
-def trial_id(study: optuna.Study, number: int) -> int:
-    storage = study._storage  # the storage object the study was opened with: its public per-trial calls
-    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+def trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:
+    """The storage's id of trial ``number`` of the study (what its per-trial calls take)."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
 
 
 class OptunaPruning(Callback):
@@ -75,14 +75,15 @@ class OptunaPruning(Callback):
             raise ConfigError("optuna.trial is set without optuna.storage and optuna.study; run the search with -m")
         quiet_optuna()
         try:
-            study = optuna.load_study(study_name=self.study_name, storage=self.storage)
+            storage = optuna.storages.RDBStorage(self.storage)
+            study = optuna.load_study(study_name=self.study_name, storage=storage)
         except KeyError:
             raise ConfigError(
                 f"optuna.study={self.study_name} is not in {self.storage}; run the search with -m"
             ) from None
         study.pruner = make_pruner(study.user_attrs.get("pruner", {}))
         try:
-            self._trial = optuna.Trial(study, trial_id(study, int(self.number)))
+            self._trial = optuna.Trial(study, trial_id(storage, self.study_name, int(self.number)))
         except KeyError:
             raise ConfigError(f"optuna.trial={self.number} is not a trial of study {self.study_name}") from None
 

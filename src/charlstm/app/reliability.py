@@ -362,8 +362,10 @@ def pending_plateau_steps(trainer: pl.Trainer) -> list[tuple[int, float]]:
     Lightning does not replay them when it resumes from a checkpoint written in that hook, so they travel in
     the checkpoint and :class:`LastCheckpoint` takes them when the resumed run starts.
     """
-    epoch_loop = trainer.fit_loop.epoch_loop
-    if not getattr(epoch_loop, "_num_ready_batches_reached", lambda: True)():
+    # Lightning steps them only when the epoch ran to its last batch (not when max_steps or a stop ended it early),
+    # told by the epoch loop's public batch counters
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    if progress.current.ready != trainer.num_training_batches and not progress.is_last_batch:
         return []
     steps = []
     for i, config in enumerate(trainer.lr_scheduler_configs):

@@ -162,7 +162,7 @@ def open_storage(url: str, heartbeat_interval: int | None = HEARTBEAT_SECONDS) -
     import optuna
 
     quiet_optuna()  # the heartbeat is an experimental argument
-    # ask-and-tell with a heartbeat: the search starts Optuna's heartbeat thread itself (heartbeats below)
+    # ask-and-tell with a heartbeat: the search records the running trials' heartbeats itself (heartbeats below)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
@@ -204,21 +204,20 @@ def open_storage(url: str, heartbeat_interval: int | None = HEARTBEAT_SECONDS) -
         raise ConfigError(f"the study's storage {shown} cannot be opened ({why}); {fix}") from None
 
 
-def requeue_stale(study: optuna.Study) -> None:
+def requeue_stale(study: optuna.Study, storage: optuna.storages.RDBStorage) -> None:
     """Trials whose process is gone (no heartbeat for two heartbeat intervals) are marked ``interrupted`` (not
     counted) and failed, and their settings queued to run again as a new trial; of several search processes that
-    see one at once, one does it."""
+    see one at once, one does it. ``storage`` is the one the study was opened with (:func:`open_study`)."""
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    storage = study._storage
     if storage.get_heartbeat_interval() is None:
         return
-    # Optuna's optuna.storages.fail_stale_trials fails a trial before its callback runs, and a finished trial takes
-    # no more attributes: its steps (the storage's private list of stale trials, then a change of state that one
-    # process wins) in the order that keeps `interrupted` on the trial (tests/test_faults_search.py fails if the
-    # private call changes)
-    for stale_id in storage._get_stale_trial_ids(study._study_id):
+    # Optuna's public optuna.storages.fail_stale_trials fails a trial before its callback runs, and a finished trial
+    # takes no more attributes: its steps (RDBStorage's private list of stale trials, the one private call left,
+    # then a change of state that one process wins) in the order that keeps `interrupted` on the trial
+    # (tests/test_faults_search.py fails if Optuna renames or changes it)
+    for stale_id in storage._get_stale_trial_ids(storage.get_study_id_from_name(study.study_name)):
         try:
             storage.set_trial_user_attr(stale_id, INTERRUPTED, True)
             if not storage.set_trial_state_values(stale_id, state=TrialState.FAIL):
@@ -231,39 +230,47 @@ def requeue_stale(study: optuna.Study) -> None:
 
 
 @contextlib.contextmanager
-def heartbeats(study: optuna.Study, trials: list[optuna.Trial]) -> Iterator[None]:
-    """Record the heartbeats of ``trials`` while they run (Optuna's heartbeat thread, one per trial)."""
-    # optuna.storages._heartbeat is private: it is the thread Study.optimize runs for each trial, which an
-    # ask-and-tell loop must start itself (tests/test_faults_search.py fails if it changes)
-    from optuna.storages._heartbeat import get_heartbeat_thread
+def heartbeats(storage: optuna.storages.RDBStorage, study: optuna.Study, trials: list[optuna.Trial]) -> Iterator[None]:
+    """Record the heartbeats of ``trials`` in ``storage`` while they run, every heartbeat interval, from one thread
+    (Study.optimize does this itself; an ask-and-tell loop must)."""
+    import threading
 
-    threads = [get_heartbeat_thread(trial_id(study, t.number), study._storage) for t in trials]
-    for thread in threads:
-        thread.start()
+    interval = storage.get_heartbeat_interval()
+    if interval is None:
+        yield
+        return
+    ids = [trial_id(storage, study.study_name, t.number) for t in trials]
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            for i in ids:
+                storage.record_heartbeat(i)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name="trial-heartbeats", daemon=True)
+    thread.start()
     try:
         yield
     finally:
-        for thread in threads:
-            thread.join()
+        stop.set()
+        thread.join()
 
 
 def stored(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
     """A trial as the storage has it now (a ``Trial`` object from ``ask`` keeps what it saw then: it misses what
-    the job wrote since, e.g. that the pruner stopped it)."""
-    return study._storage.get_trial(trial_id(study, number))
-
-
-def set_attr(study: optuna.Study, number: int, key: str, value: Any) -> None:
-    study._storage.set_trial_user_attr(trial_id(study, number), key, value)
+    the job wrote since, e.g. that the pruner stopped it); the study reads its unfinished trials afresh."""
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
 
 
 def open_study(
     url: str, name: str, direction: str, fixed: list[str], seed: int | None, startup_trials: int,
     pruner: dict[str, Any], heartbeat_interval: int | None = HEARTBEAT_SECONDS,
-) -> optuna.Study:  # fmt: skip
-    """Create the study or continue it. A continued study must keep its direction and the command line's settings
-    (else its trials would not compare); trials left running by a search process that is gone (no heartbeat) are
-    failed and queued again."""
+) -> tuple[optuna.Study, optuna.storages.RDBStorage]:  # fmt: skip
+    """Create the study or continue it; with the storage it was opened with (the study keeps its own private), for
+    the heartbeats. A continued study must keep its direction and the command line's settings (else its trials would
+    not compare); trials left running by a search process that is gone (no heartbeat) are failed and queued again."""
     import optuna
 
     quiet_optuna()
@@ -295,16 +302,16 @@ def open_study(
             "with hydra.sweeper.study_name=NEW"
         )
     study.set_user_attr("pruner", dict(pruner))  # read by the jobs
-    requeue_stale(study)
-    return study
+    requeue_stale(study, storage)
+    return study, storage
 
 
-def mark_interrupted(study: optuna.Study, number: int, params: dict[str, Any]) -> None:
+def mark_interrupted(study: optuna.Study, trial: optuna.Trial) -> None:
     from optuna.trial import TrialState
 
-    set_attr(study, number, INTERRUPTED, True)
-    study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
-    study.enqueue_trial(params, user_attrs={RETRY_OF: number})
+    trial.set_user_attr(INTERRUPTED, True)
+    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
 
 
 def counted(study: optuna.Study) -> int:

@@ -225,10 +225,10 @@ class ConfigHParams(Callback):
 
     @staticmethod
     def resumes_in_place(logger: TensorBoardLogger) -> bool:
-        """Whether the logger's folder holds event files of an earlier process: the run this one resumes."""
-        writer = logger.experiment._get_file_writer()
-        own = Path(getattr(writer.event_writer, "_file_name", "")).name
-        return any(p.name != own for p in Path(writer.get_logdir()).glob("events.out.tfevents.*"))
+        """Whether the logger's folder holds event files of an earlier process: the run this one resumes. The
+        logger's writer opened its one file there when it was made (before any callback runs), so another file is
+        an earlier process's."""
+        return len(list(Path(logger.experiment.get_logdir()).glob("events.out.tfevents.*"))) > 1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._training = True
@@ -240,7 +240,8 @@ class ConfigHParams(Callback):
         experiment, start, _ = hparams(self.params(pl_module), dict.fromkeys(self.METRICS, 0.0))
         lead_with(experiment, self.leading())
         for logger in loggers:
-            writer = logger.experiment._get_file_writer()
+            # SummaryWriter's public file_writer: it writes a ready Summary (add_hparams would open another folder)
+            writer = logger.experiment.file_writer
             writer.add_summary(experiment)
             writer.add_summary(start)
 
@@ -268,7 +269,7 @@ class ConfigHParams(Callback):
 
         _, _, end = hparams({}, {})
         for logger in _tensorboards(trainer):
-            logger.experiment._get_file_writer().add_summary(end)
+            logger.experiment.file_writer.add_summary(end)
             logger.experiment.flush()
 
 

@@ -130,13 +130,23 @@ def split_test(train: torch.Tensor, total: int, test_fraction: float, seq_len: i
     return rest, test
 
 
+def trainer_of(module: pl.LightningModule) -> pl.Trainer | None:
+    """The trainer the module is attached to, or None (a module built or loaded on its own): Lightning's public
+    ``module.trainer`` raises RuntimeError when there is none."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
+
+
 STREAMS_KEY = "charlstm_stream_state"  # where a checkpoint keeps the streams' carried hidden state, every rank's
 
 
 def stream_states(module: pl.LightningModule, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The carried (h, c) of every rank, stacked rank by rank (under DDP a collective call: every rank saves)."""
     h, c = state
-    if module._trainer is not None and module.trainer.world_size > 1:
+    trainer = trainer_of(module)
+    if trainer is not None and trainer.world_size > 1:
         return module.all_gather(h).cpu(), module.all_gather(c).cpu()
     return h[None].cpu(), c[None].cpu()
 
@@ -144,7 +154,8 @@ def stream_states(module: pl.LightningModule, state: tuple[torch.Tensor, torch.T
 def own_stream_state(module: pl.LightningModule, saved: tuple[torch.Tensor, ...] | None) -> tuple | None:
     """This rank's carried (h, c) from a checkpoint's :func:`stream_states`; None (zeros) when the checkpoint
     has none or was written by another number of processes (each rank's streams were other text)."""
-    rank, world = (module.trainer.global_rank, module.trainer.world_size) if module._trainer is not None else (0, 1)
+    trainer = trainer_of(module)
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
     if saved is None or len(saved[0]) != world:
         return None
     return saved[0][rank], saved[1][rank]

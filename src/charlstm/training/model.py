@@ -14,7 +14,14 @@ import torch.nn.functional as F
 
 from charlstm.core.errors import ConfigError, DivergenceError
 from charlstm.core.net import CharLSTM, State
-from charlstm.training.datamodule import LAYOUTS, STREAMS_KEY, fix_resume_point, own_stream_state, stream_states
+from charlstm.training.datamodule import (
+    LAYOUTS,
+    STREAMS_KEY,
+    fix_resume_point,
+    own_stream_state,
+    stream_states,
+    trainer_of,
+)
 
 LN2 = math.log(2.0)
 log = logging.getLogger(__name__)
@@ -95,9 +102,10 @@ class CharLSTMModule(pl.LightningModule):
         loss = self.loss_sum(logits, y) / y.numel()
         value = float(loss.detach())
         diverged = not math.isfinite(value) or value > BLOWUP * math.log(max(2, len(self.hparams.vocab)))
-        if self._trainer is not None and self._trainer.world_size > 1:
+        trainer = trainer_of(self)
+        if trainer is not None and trainer.world_size > 1:
             # every rank must stop together, or the others wait in backward for the one that raised
-            diverged = self._trainer.strategy.reduce_boolean_decision(diverged, all=False)
+            diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
         if diverged:
             raise DivergenceError(
                 f"training loss became {value:.4g} at step {self.global_step}"
@@ -217,7 +225,8 @@ class CharLSTMModule(pl.LightningModule):
         return opt
 
     def _grad_scaler(self) -> Any:
-        plugin = self._trainer.precision_plugin if self._trainer is not None else None
+        trainer = trainer_of(self)
+        plugin = trainer.precision_plugin if trainer is not None else None
         return getattr(plugin, "scaler", None)
 
     def _fused(self) -> dict[str, bool]:
@@ -285,7 +294,7 @@ class CharLSTMModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         self.clock.pause()
-        opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
+        opt = self.optimizers(use_pl_optimizer=False) if trainer_of(self) is not None else None
         if isinstance(opt, torch.optim.Optimizer) and self.trainer.is_global_zero:
             lr = opt.param_groups[0]["lr"]
             log.info("learning rate at the end: %.3g (%.3f x its peak %.3g) after %.1f s of training (validation "

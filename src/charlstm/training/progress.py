@@ -16,6 +16,9 @@ log = logging.getLogger("charlstm.app.train")
 class RichBar(RichProgressBar):
     """Lightning's rich bar, showing ``Epoch N`` alone when the run has no epoch limit (not ``Epoch 0/-2``)."""
 
+    # Lightning's protected hook for this text, the one place it is made: no public hook sets it, and changing it
+    # after on_train_epoch_start would show Lightning's text for a frame first (tests/test_console.py fails if the
+    # hook is renamed)
     def _get_train_description(self, current_epoch: int) -> str:
         max_epochs = self.trainer.max_epochs
         text = f"Epoch {current_epoch}" + (f"/{max_epochs - 1}" if max_epochs is not None and max_epochs > 0 else "")

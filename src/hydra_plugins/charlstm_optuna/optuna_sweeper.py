@@ -82,7 +82,7 @@ class CharLSTMOptunaSweeper(Sweeper):
         probe = fixed + [search.override(k, first_value(d)) for k, d in space.items()]
         self.validate_batch_is_legal([probe])  # a mistyped key fails here, before any trial exists
         url = search.storage_url(s["storage"], sweep_dir)
-        study = search.open_study(url, s["study_name"], s["direction"], fixed, s["seed"], s["startup_trials"],
+        study, storage = search.open_study(url, s["study_name"], s["direction"], fixed, s["seed"], s["startup_trials"],
                                   s["pruner"], s["heartbeat_interval"])  # fmt: skip
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         name_jobs_by_params()
@@ -92,9 +92,9 @@ class CharLSTMOptunaSweeper(Sweeper):
         returns: list[JobReturn] = []
         try:
             while (done := search.counted(study)) < n_trials:
-                search.requeue_stale(study)  # another worker's trials whose process is gone run again
+                search.requeue_stale(study, storage)  # another worker's trials whose process is gone run again
                 trials = [study.ask(space) for _ in range(max(1, min(int(s["n_jobs"]), n_trials - done)))]
-                with search.heartbeats(study, trials):
+                with search.heartbeats(storage, study, trials):
                     returns += self._run(study, trials, fixed, url, metric)
         except BaseException as err:
             self._report(study, fixed, sweep_dir, metric, final=False)  # the trials so far
@@ -130,7 +130,7 @@ class CharLSTMOptunaSweeper(Sweeper):
                 if not is_running(study, t.number):
                     continue
                 if interrupted:
-                    search.mark_interrupted(study, t.number, t.params)
+                    search.mark_interrupted(study, t)
                 else:
                     why = f"exit status {code}" if isinstance(err, SystemExit) else f"{type(err).__name__}: {err}"
                     self._tell(study, t, None, " ".join(why.split())[:300], metric)
@@ -145,8 +145,7 @@ class CharLSTMOptunaSweeper(Sweeper):
             if ret.status == JobStatus.COMPLETED:
                 value = ret.return_value
             else:
-                err = ret._return_value
-                error = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+                error = job_error(ret)
             if value is None and error is None:  # a failed job records its one-line error in result.json
                 from charlstm.app.summary import read_result
 
@@ -235,3 +234,17 @@ def is_running(study: Any, number: int) -> bool:
     from charlstm.app import search
 
     return search.stored(study, number).state == TrialState.RUNNING
+
+
+def job_error(ret: JobReturn) -> str:
+    """A failed job's exception in one line. Hydra's public ``JobReturn.return_value`` raises it, after writing its
+    own "Error executing job" line to stderr, which is left out here: the error goes into the study and summary."""
+    import contextlib
+    import io
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            _ = ret.return_value
+    except Exception as err:
+        return " ".join(f"{type(err).__name__}: {err}".split())[:300]
+    return f"job ended as {ret.status.name.lower()}"
