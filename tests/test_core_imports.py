@@ -52,3 +52,17 @@ def test_sampling_and_generate_together_leave_lightning_out():
 def test_the_check_sees_lightning_when_it_is_imported():
     # the same probe on the training floor must find it, or the tests above prove nothing
     assert {"pytorch_lightning", "charlstm.training.datamodule"} <= loaded_after("import charlstm.training.model")
+
+
+def test_the_layer_map_in_the_docs_names_every_module():
+    """docs/layers.md lists every module of every layer in that layer's table, and no module that is gone."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "layers.md").read_text(encoding="utf-8")
+    for layer in ("core", "data", "training", "app"):
+        section = text.split(f"\n## {layer} ", 1)[1].split("\n## ", 1)[0]
+        listed = set(re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE))
+        modules = {p.stem for p in (root / "src" / "charlstm" / layer).glob("*.py") if p.stem != "__init__"}
+        assert listed == modules, f"docs/layers.md, {layer}: missing {modules - listed}, gone {listed - modules}"
