@@ -1,6 +1,6 @@
 """Windows and streams over one 1-D id tensor, and the shuffle of windows: torch only (eval.py scores texts with
 them without importing Lightning). A batch is one gather from the ids, never a copy of the corpus as N x seq_len
-samples; a memory-mapped corpus gives back the pages its reads mapped (``prepared.MappedPages``)."""
+samples."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from charlstm.core.errors import ConfigError, CorpusError
-from charlstm.data.prepared import MappedPages
 
 TARGETS = ("last", "all")
 
@@ -34,16 +33,11 @@ class WindowDataset(Dataset):
             raise ConfigError(f"data.targets={targets!r} is not allowed; use 'last' or 'all'")
         self.ids, self.seq_len, self.stride, self.targets = ids, seq_len, stride, targets
         self._offsets = torch.arange(seq_len + 1)  # a window and its next char
-        self._pages = MappedPages(ids, every=64)  # a mapped corpus: unmap what every 64 windows read
 
     def __len__(self) -> int:
         return max(0, (len(self.ids) - self.seq_len - 1) // self.stride + 1)
 
     def __getitems__(self, indices: list[int]) -> Batch:
-        every = self._pages.every
-        if len(indices) > every and self._pages.mapped:  # a big batch (validation's) from a map: in parts, unmapping
-            parts = [self.__getitems__(indices[i : i + every]) for i in range(0, len(indices), every)]
-            return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
         starts = torch.as_tensor(indices, dtype=torch.long) * self.stride
         if self.targets == "last":
             x = self.ids[starts[:, None] + self._offsets[:-1]]
@@ -51,7 +45,6 @@ class WindowDataset(Dataset):
         else:
             both = self.ids[starts[:, None] + self._offsets]
             x, y = both[:, :-1], both[:, 1:]
-        self._pages.read(len(indices))
         return x.long(), y.long()
 
     def __getitem__(self, index: int) -> Batch:
@@ -81,7 +74,6 @@ class StreamDataset(IterableDataset):
         self.seq_len, self.length = seq_len, length
         self.inputs = part[: batch_size * length].view(batch_size, length)
         self.targets = part[1 : batch_size * length + 1].view(batch_size, length)
-        self._pages = MappedPages(ids, every=256)  # a mapped corpus: unmap what every 256 batches read
         self.start = 0  # the batch the next pass starts at (a resumed epoch; the pass after it starts at 0)
 
     def __len__(self) -> int:
@@ -90,9 +82,7 @@ class StreamDataset(IterableDataset):
     def __iter__(self):
         first, self.start = self.start, 0
         for i in range(first * self.seq_len, self.length, self.seq_len):
-            batch = self.inputs[:, i : i + self.seq_len].long(), self.targets[:, i : i + self.seq_len].long()
-            self._pages.read()
-            yield batch
+            yield self.inputs[:, i : i + self.seq_len].long(), self.targets[:, i : i + self.seq_len].long()
 
 
 class ShuffledWindows(Sampler[int]):
