@@ -89,8 +89,14 @@ class ShuffledWindows(Sampler[int]):
     """Shuffled window indices: every window once per epoch, without a Python list of every index; under DDP each
     rank reads its own share of one shuffle.
 
-    Up to ``exact_limit`` windows the order is one int64 randperm; beyond it (a big corpus: 400 M windows would be a
-    3.2 GB permutation) a keyed pseudo-random permutation computed block by block in constant memory.
+    Up to ``exact_limit`` windows the order is one int64 ``torch.randperm``; beyond it a keyed pseudo-random
+    permutation (``FeistelPermutation``) computed block by block in constant memory. Measured side by side
+    (benchmarks/results/machinery.md): randperm takes 8 bytes a window, 125 MB at 16 M windows, 766 MB at 100 M,
+    8 GB at 1 G and 32 GB for a 4 GB corpus at stride 1 (more than the 23 GB of the machine measured on); the
+    Feistel order holds ~25 MB at any size; it is slower to compute (1.3 s against 0.7 s for 16 M, 21 s against 6 s
+    for 100 M, one core), a cost lost in an epoch of 100 M windows, which trains for days. A random offset with a
+    randperm over blocks would save the memory but keep a block's neighbouring windows (the same text shifted by one
+    char) together in a batch.
 
     ``seed=None`` (one process): each epoch draws its seed from torch's RNG, the same order as
     ``RandomSampler`` (so a seeded run repeats, and a resumed one goes on with the restored RNG). With ``seed``
