@@ -124,9 +124,11 @@ def startup_seconds(train_log: Path, started: float) -> float | None:
 
 def cgroup_peak_mb(cgroup: Path | None) -> int | None:
     """The most memory the cgroup was charged since the last call (MB; v1 reset after reading), or None."""
+    if cgroup is None:
+        return None
     for name in ("memory.max_usage_in_bytes", "memory.peak"):
         with contextlib.suppress(OSError, ValueError):
-            peak = int((cgroup / name).read_text()) >> 20 if cgroup else None
+            peak = int((cgroup / name).read_text()) >> 20
             if name == "memory.max_usage_in_bytes":
                 (cgroup / name).write_text("0")
             return peak
