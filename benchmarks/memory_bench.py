@@ -3,20 +3,26 @@ data/prepared/) and later runs (which memory-map it), for synthetic corpora of g
 
     python benchmarks/memory_bench.py                       # 10 MB, 100 MB, 400 MB, 1 GB (4 GB: --sizes 4GB)
     python benchmarks/memory_bench.py --sizes 10MB,100MB --recipes charrnn,seed
+    python benchmarks/memory_bench.py --sizes 4GB --recipes seed --src OLD,. --no-first --cgroup-mb 1024
 
 Each run is `python train.py data=file data.path=BIG experiment=RECIPE trainer.max_steps=20` in a fresh process;
 its peak resident memory is the kernel's (``wait4``: ru_maxrss, which counts pages of the memory-mapped id file
-the run touched; under DDP, the largest rank's) and its anonymous part is sampled every 20 ms from /proc (under DDP,
-summed over the ranks). Results go to benchmarks/results/.
+the run touched; under DDP, the largest rank's) and its anonymous and file-backed parts are sampled every 20 ms
+from /proc (RssAnon and RssFile of /proc/PID/status; under DDP, summed over the ranks). Several source trees
+(``--src A,B``) are measured interleaved on one prepared corpus. ``--cgroup-mb`` runs each training in a memory
+cgroup with that limit (v1 or v2, where this user may create one): the kernel reclaims clean file pages there
+before it kills anything, and a run it kills is marked "killed". Results go to benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,19 +72,41 @@ def synthetic_text(path: Path, size: int, seed: int = 0) -> None:
         fh.write(rest[:cut] + b"." * (len(rest) - cut))
 
 
-def anon_kb(pid: int) -> int:
-    """Anonymous resident memory (KB) of ``pid`` and every process it started (a DDP run's other ranks)."""
+def rss_kb(pid: int, field: str = "RssAnon") -> int:
+    """Resident memory (KB) of one kind (``RssAnon``: the process's own; ``RssFile``: pages of mapped files, which
+    the kernel may reclaim) of ``pid`` and every process it started (a DDP run's other ranks)."""
     total = 0
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
+            if line.startswith(f"{field}:"):
                 total += int(line.split()[1])
         for task in Path(f"/proc/{pid}/task").iterdir():
             for child in (task / "children").read_text().split():
-                total += anon_kb(int(child))
+                total += rss_kb(int(child), field)
     except OSError:
         pass
     return total
+
+
+def memory_cgroup(limit_mb: int) -> Path | None:
+    """A new memory cgroup limited to ``limit_mb`` MB (cgroup v2, else v1), or None where none can be made."""
+    for root, limit in (
+        (Path("/sys/fs/cgroup"), "memory.max"),
+        (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"),
+    ):
+        group = root / f"charlstm-bench-{os.getpid()}"
+        try:
+            if not (root / limit).exists() and not (root / "cgroup.procs").exists():
+                continue
+            group.mkdir(exist_ok=True)
+            (group / limit).write_text(str(limit_mb << 20))
+            if limit == "memory.limit_in_bytes" and (group / "memory.memsw.limit_in_bytes").exists():
+                (group / "memory.memsw.limit_in_bytes").write_text(str(limit_mb << 20))
+            return group
+        except OSError:
+            with contextlib.suppress(OSError):
+                group.rmdir()
+    return None
 
 
 def startup_seconds(train_log: Path, started: float) -> float | None:
@@ -94,25 +122,52 @@ def startup_seconds(train_log: Path, started: float) -> float | None:
     return None
 
 
-def measure(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict[str, float]:
-    """Run ``cmd``; wall seconds, peak RSS (MB, the kernel's) and peak anonymous RSS (MB, sampled)."""
+def cgroup_peak_mb(cgroup: Path | None) -> int | None:
+    """The most memory the cgroup was charged since the last call (MB; v1 reset after reading), or None."""
+    if cgroup is None:
+        return None
+    for name in ("memory.max_usage_in_bytes", "memory.peak"):
+        with contextlib.suppress(OSError, ValueError):
+            peak = int((cgroup / name).read_text()) >> 20
+            if name == "memory.max_usage_in_bytes":
+                (cgroup / name).write_text("0")
+            return peak
+    return None
+
+
+def evict(folder: Path) -> None:
+    """Drop the page cache of the prepared id files under ``folder``, so that a run in a cgroup faults them in
+    itself and is charged for them (pages already cached stay charged to whoever read them first)."""
+    for path in folder.glob("prepared/*/ids.*"):
+        with open(path, "rb") as fh:
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def measure(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, cgroup: Path | None = None) -> dict:
+    """Run ``cmd`` (in ``cgroup`` if given); wall seconds, peak RSS (MB, the kernel's) and peak anonymous and
+    file-backed RSS (MB, sampled); ``killed`` when the kernel killed it (out of memory)."""
     started = time.time()
     start = time.monotonic()
+    join = None if cgroup is None else lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        peak_anon = 0
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=join)
+        peak_anon = peak_file = 0
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            peak_anon = max(peak_anon, anon_kb(proc.pid))
+            peak_anon = max(peak_anon, rss_kb(proc.pid))
+            peak_file = max(peak_file, rss_kb(proc.pid, "RssFile"))
             time.sleep(0.02)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - start
-    if proc.returncode != 0:
+    killed = proc.returncode == -signal.SIGKILL
+    charged = cgroup_peak_mb(cgroup)
+    if proc.returncode != 0 and not killed:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
     return {"wall_s": round(wall, 2), "started": started, "peak_rss_mb": round(usage.ru_maxrss / 1024),
-            "peak_anon_mb": round(peak_anon / 1024)}  # fmt: skip
+            "peak_anon_mb": round(peak_anon / 1024), "peak_file_mb": round(peak_file / 1024),
+            "killed": killed, "cgroup_peak_mb": charged}  # fmt: skip
 
 
 CHECK = """
@@ -136,15 +191,19 @@ def check_seconds(text: Path, data_dir: Path, env: dict[str, str]) -> float:
 def summarize(results: list[dict]) -> list[dict]:
     """One row per (corpus, recipe, first/later): the best start-up and wall time (the least disturbed by other
     work on the machine) and the worst peak memory of its runs."""
-    rows: dict[tuple[str, str, str], dict] = {}
+    rows: dict[tuple[str, str, str, str], dict] = {}
     for r in results:
-        key = (r["size"], r["recipe"], r["run"])
+        key = (r["size"], r.get("tree", ""), r["recipe"], r["run"])
         row = rows.setdefault(key, {**r, "runs": 0})
         row["runs"] += 1
         for k, pick in (("startup_s", min), ("wall_s", min), ("prepare_s", min), ("check_s", min),
-                        ("peak_rss_mb", max), ("peak_anon_mb", max)):  # fmt: skip
+                        ("peak_rss_mb", max), ("peak_anon_mb", max), ("peak_file_mb", max)):  # fmt: skip
             values = [v for v in (row.get(k), r.get(k)) if v is not None]
             row[k] = pick(values) if values else None
+        row["killed"] = row.get("killed") or r.get("killed")
+        row["cgroup_peak_mb"] = max(
+            (v for v in (row.get("cgroup_peak_mb"), r.get("cgroup_peak_mb")) if v), default=None
+        )
     return list(rows.values())
 
 
@@ -153,66 +212,64 @@ def main() -> None:
     parser.add_argument("--sizes", default="10MB,100MB,400MB,1GB")
     parser.add_argument("--recipes", default="charrnn,default,seed")
     parser.add_argument("--workdir", type=Path, default=None, help="where texts and caches go (default: a temp dir)")
-    parser.add_argument("--src", type=Path, default=ROOT, help="the source tree to measure (train.py and src/)")
+    parser.add_argument(
+        "--src", default=str(ROOT), help="the source tree(s) to measure (train.py and src/), comma-separated"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--repeat", type=int, default=3, help="first and later runs of the first recipe")
+    parser.add_argument("--no-first", action="store_true", help="prepare once, unmeasured, and time later runs only")
+    parser.add_argument("--cgroup-mb", type=int, default=0, help="run each training in a memory cgroup of this limit")
     parser.add_argument("--name", default="memory_bench", help="file name of the results")
     parser.add_argument("--threads", default="1", help="OMP_NUM_THREADS of the runs ('' leaves torch's default)")
     args = parser.parse_args()
     sizes = [s.strip() for s in args.sizes.split(",")]
     recipes = [r.strip() for r in args.recipes.split(",")]
+    trees = [Path(t).resolve() for t in args.src.split(",")]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="charlstm-membench-"))
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(args.src / "src"), "PYTHONUNBUFFERED": "1"}
-    if args.threads:
-        # one thread per run by default: on a machine shared with other jobs, torch's thread pool waiting for a
-        # busy core makes step times erratic; memory is the same either way
-        env["OMP_NUM_THREADS"] = args.threads
+    envs = {t: {**os.environ, "PYTHONPATH": str(t / "src"), "PYTHONUNBUFFERED": "1"} for t in trees}
+    for env in envs.values():
+        if args.threads:
+            # one thread per run by default: on a machine shared with other jobs, torch's thread pool waiting for a
+            # busy core makes step times erratic; memory is the same either way
+            env["OMP_NUM_THREADS"] = args.threads
+    cgroup = memory_cgroup(args.cgroup_mb) if args.cgroup_mb else None
+    if args.cgroup_mb and cgroup is None:
+        raise SystemExit(f"no memory cgroup can be made here for --cgroup-mb {args.cgroup_mb}; run without it")
     header = [
         cpu_capability().line(),
         f"load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())} (a shared machine: wall times vary)",
-        f"source tree: {args.src}; work dir: {work}; OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')}",
+        f"source tree(s): {', '.join(map(str, trees))}; work dir: {work}; "
+        f"OMP_NUM_THREADS={envs[trees[0]].get('OMP_NUM_THREADS', 'unset')}",
     ]
+    if cgroup is not None:
+        header.append(f"every training run in memory cgroup {cgroup} limited to {args.cgroup_mb} MB")
     print("\n".join(header), flush=True)
     results = []
-    for name in sizes:
-        size = SIZES[name]
-        free = shutil.disk_usage(work).free
-        if free < 2.5 * size + (1 << 30):
-            print(f"{name}: skipped, {free / 1e9:.1f} GB free in {work} (needs {(2.5 * size + (1 << 30)) / 1e9:.1f})")
-            continue
-        text = work / f"text-{name}.txt"
-        if not text.is_file() or text.stat().st_size != size:
-            synthetic_text(text, size)
-        data_dir = work / f"data-{name}"
-        plan = [(recipes[0], "first")] * args.repeat + [(recipes[0], "later")] * args.repeat
-        plan += [(r, "later") for r in recipes[1:]]
-        for recipe, when in plan:
-            if when == "first":
-                shutil.rmtree(data_dir, ignore_errors=True)  # a first run prepares the corpus
-            run_dir = work / "runs" / f"{name}-{recipe}-{when}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            cmd = [sys.executable, str(args.src / "train.py"), "data=file", f"data.path={text}", *RECIPES[recipe],
-                   *COMMON, f"paths.data_dir={data_dir}", f"paths.outputs_root={work / 'runs'}",
-                   f"hydra.run.dir={run_dir}"]  # fmt: skip
-            row = {"size": name, "recipe": recipe, "run": when,
-                   **measure(cmd, work, env, work / f"{name}-{recipe}-{when}.log")}  # fmt: skip
-            row["startup_s"] = startup_seconds(run_dir / "train.log", row.pop("started"))
-            metas = list(data_dir.glob("prepared/*/meta.json"))
-            if when == "first" and metas:
-                row["prepare_s"] = json.loads(metas[0].read_text())["seconds"]
-                row["check_s"] = check_seconds(text, data_dir, env)
-            results.append(row)
-            print(json.dumps(row), flush=True)
+    try:
+        for name in sizes:
+            results += bench_size(name, args, recipes, trees, envs, work, cgroup)
+    finally:
+        if cgroup is not None:
+            with contextlib.suppress(OSError):
+                cgroup.rmdir()
+    several = len(trees) > 1
     lines = [*[f"    {h}" for h in header], "",
-             "| corpus | recipe | run | runs | start-up (s) | wall (s) | peak RSS (MB) | anonymous, all ranks (MB) |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             f"| corpus |{' tree |' * several} recipe | run | runs | start-up (s) | wall (s) | after start-up (s) "
+             "| peak RSS (MB) | RssAnon (MB) | RssFile (MB) |",
+             f"|---|{'---|' * several}---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in summarize(results):
         prep = (
             f" (prepare {r['prepare_s']:.1f} s, check {r['check_s']:.3f} s)" if r.get("prepare_s") is not None else ""
         )
-        lines.append(f"| {r['size']} | {r['recipe']} | {r['run']}{prep} | {r['runs']} | {r['startup_s']} | "
-                     f"{r['wall_s']:.1f} | {r['peak_rss_mb']:,} | {r['peak_anon_mb']:,} |")  # fmt: skip
+        tree = f" {r['tree']} |" if several else ""
+        train_s = "" if r["startup_s"] is None else f"{r['wall_s'] - r['startup_s']:.1f}"
+        killed = " (killed)" if r.get("killed") else ""
+        if r.get("cgroup_peak_mb") is not None:
+            killed += f" (cgroup charged {r['cgroup_peak_mb']:,} MB)"
+        lines.append(f"| {r['size']} |{tree} {r['recipe']} | {r['run']}{prep}{killed} | {r['runs']} | "
+                     f"{r['startup_s']} | {r['wall_s']:.1f} | {train_s} | {r['peak_rss_mb']:,} | "
+                     f"{r['peak_anon_mb']:,} | {r['peak_file_mb']:,} |")  # fmt: skip
     table = "\n".join(lines) + "\n"
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -220,6 +277,50 @@ def main() -> None:
     (args.out / f"{args.name}.json").write_text(json.dumps({"header": header, "results": results}, indent=1) + "\n")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_size(name: str, args, recipes: list[str], trees: list[Path], envs: dict, work: Path,
+               cgroup: Path | None) -> list[dict]:  # fmt: skip
+    """The runs of one corpus size: first runs (preparing) and later runs of each tree, trees interleaved."""
+    size = SIZES[name]
+    free = shutil.disk_usage(work).free
+    if free < 2.5 * size + (1 << 30):
+        print(f"{name}: skipped, {free / 1e9:.1f} GB free in {work} (needs {(2.5 * size + (1 << 30)) / 1e9:.1f})")
+        return []
+    text = work / f"text-{name}.txt"
+    if not text.is_file() or text.stat().st_size != size:
+        synthetic_text(text, size)
+    data_dir = work / f"data-{name}"
+    if args.no_first:
+        check_seconds(text, data_dir, envs[trees[0]])  # prepares it unless prepared already
+        plan = []
+    else:
+        plan = [(recipes[0], "first", t) for _ in range(args.repeat) for t in trees]
+    plan += [(recipes[0], "later", t) for _ in range(args.repeat) for t in trees]
+    plan += [(r, "later", t) for r in recipes[1:] for t in trees]
+    results = []
+    for recipe, when, tree in plan:
+        if when == "first":
+            shutil.rmtree(data_dir, ignore_errors=True)  # a first run prepares the corpus
+        if cgroup is not None:
+            evict(data_dir)
+            cgroup_peak_mb(cgroup)
+        label = f"{name}-{tree.name}-{recipe}-{when}"
+        run_dir = work / "runs" / label
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cmd = [sys.executable, str(tree / "train.py"), "data=file", f"data.path={text}", *RECIPES[recipe],
+               *COMMON, f"paths.data_dir={data_dir}", f"paths.outputs_root={work / 'runs'}",
+               f"hydra.run.dir={run_dir}"]  # fmt: skip
+        row = {"size": name, "tree": tree.name, "recipe": recipe, "run": when,
+               **measure(cmd, work, envs[tree], work / f"{label}.log", cgroup)}  # fmt: skip
+        row["startup_s"] = startup_seconds(run_dir / "train.log", row.pop("started"))
+        metas = list(data_dir.glob("prepared/*/meta.json"))
+        if when == "first" and metas:
+            row["prepare_s"] = json.loads(metas[0].read_text())["seconds"]
+            row["check_s"] = check_seconds(text, data_dir, envs[tree])
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    return results
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def test_generation_needs_nothing_but_the_checkpoint_file(run, tmp_path):
 
 
 def test_long_batched_generation_is_reproducible_across_noise_refills_and_threads(run):
-    """600 chars outlast the 256-step noise buffer: the refills and the split between threads keep the text."""
+    """600 chars outlast the 256-step noise buffer: the refills and the thread count keep the text."""
     base = (f"ckpt={run['ckpt']}", "prompt=the", "length=600", "num_samples=3", "temperature=1.0")
     one = generate(gen_cfg(*base, "seed=7", "threads=1"))
     assert all(len(t) == len("the") + 600 for t in one)

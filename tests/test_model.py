@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from charlstm.core.net import CharLSTM, dropout, encode_inputs
+from charlstm.core.net import CharLSTM, encode_inputs
 from charlstm.training.model import CharLSTMModule, lr_factor
 
 
@@ -56,43 +56,6 @@ def test_lr_factor_warmup_and_cosine():
     assert lr_factor(100, 100, 10, 0.1, True) == pytest.approx(0.1)
     assert lr_factor(55, 100, 10, 0.0, True) == pytest.approx(0.5)
     assert lr_factor(50, 100, 0, 0.0, False) == 1.0
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dropout_keeps_the_share_and_the_expectation(dtype):
-    x = torch.ones(400, 500, dtype=dtype, requires_grad=True)
-    torch.manual_seed(0)
-    y = dropout(x, 0.25)
-    kept = (y != 0).float().mean().item()
-    assert kept == pytest.approx(0.75, abs=0.005)
-    assert y.float().mean().item() == pytest.approx(1.0, abs=0.01)
-    assert set(y.unique().float().tolist()) == {0.0, y.max().item()}
-    y.sum().backward()
-    assert torch.equal(x.grad, y.detach())  # the gradient flows through the kept elements only, scaled alike
-    torch.manual_seed(0)
-    assert torch.equal(dropout(x, 0.25), y)  # seeded: the same mask again
-    assert dropout(x, 0.25, training=False) is x and dropout(x, 0.0) is x
-
-
-def test_training_runs_the_layers_one_by_one_with_the_same_weights(monkeypatch):
-    """In training the LSTM runs layer by layer so the dropout between layers is the fast one; without dropout
-    that path gives exactly what nn.LSTM gives, state and gradients included."""
-    import charlstm.core.net as net_module
-
-    net = CharLSTM(vocab_size=11, units=8, layers=3, dropout=0.3, encoding="embedding", embed_dim=5)
-    ids = torch.randint(11, (4, 7))
-    state = (torch.randn(3, 4, 8), torch.randn(3, 4, 8))
-    calls = []
-    monkeypatch.setattr(net_module, "dropout", lambda x, p, training=True: calls.append(p) or x)
-    mine, (h, c) = net.train()(ids, state)
-    assert calls == [0.0, 0.3, 0.3, 0.3]  # input (p=0), between the three layers, before the head
-    reference, (h_ref, c_ref) = net.eval().lstm(net.embed(ids), state)  # nn.LSTM itself, no dropout
-    torch.testing.assert_close(mine, net.head(reference))
-    torch.testing.assert_close((h, c), (h_ref, c_ref))
-    grads = torch.autograd.grad(mine.sum(), list(net.lstm.parameters()))
-    ref_grads = torch.autograd.grad(net.head(reference).sum(), list(net.lstm.parameters()))
-    for g, r in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g, r)
 
 
 def test_fused_optimizer_is_clipped_by_norm_without_lightning():

@@ -4,9 +4,7 @@ memory-mapped by the DataModule."""
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 import os
 import signal
 import stat
@@ -247,71 +245,6 @@ def test_training_and_validation_ids_are_memory_mapped(tmp_path, text_file):
         assert any(lo <= part.data_ptr() < hi for lo, hi in ranges)  # a view of the map, not a copy
     vocab, ids = expected_ids((TEXT * 20).encode(), True)
     assert dm.vocab == vocab and torch.equal(torch.cat([dm.train_ids, dm.val_ids]).long(), ids)
-
-
-def mapped_kb(path: Path) -> int:
-    """Resident KB of this process's mappings of ``path`` (Linux /proc/self/smaps)."""
-    total, inside = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        if line[:1] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:  # a mapping's header line
-            inside = line.endswith(str(path))
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1])
-    return total
-
-
-def big_mapped_corpus(tmp_path: Path, mb: int = 24) -> tuple[CharDataModule, Path]:
-    text = "".join(chr(97 + (i * 7919) % 26) + " " * (i % 3 == 0) for i in range(1 << 16))
-    path = tmp_path / "big.txt"
-    path.write_text(text * (mb * (1 << 20) // len(text)))
-    dm = CharDataModule(source="file", path=str(path), data_dir=str(tmp_path / "data"), seq_len=50,
-                        val_fraction=0.5, val_max_windows=4096)  # fmt: skip
-    dm.load()
-    (ids_file,) = (tmp_path / "data" / "prepared").glob("*/ids.*")
-    return dm, ids_file
-
-
-def test_reads_of_a_mapped_corpus_give_their_pages_back(tmp_path):
-    from charlstm.data.prepared import MappedPages
-
-    dm, ids_file = big_mapped_corpus(tmp_path)
-    size_kb = ids_file.stat().st_size // 1024
-    whole = MappedPages(dm.train_ids, every=1)
-    whole.release()
-    before = mapped_kb(ids_file)
-    assert int(dm.train_ids[::4096].long().sum()) > 0  # a read every 4 KB maps the whole training half
-    assert mapped_kb(ids_file) - before > size_kb // 4  # (what the kernel does unless told: RSS grows)
-    whole.release()
-    assert mapped_kb(ids_file) < size_kb // 16  # unmapped; the ids read the same afterwards
-    assert torch.equal(dm.train_ids[:1000], torch.from_file(str(ids_file), size=1000, dtype=dm.train_ids.dtype))
-
-    # Validation reads 4,096 windows spread over the validation half, training random windows (a single one maps a
-    # whole 2 MB page-cache block): every 64 windows read, what they mapped is given back.
-    for loader in (dm.val_dataloader(), dm.train_dataloader()):
-        whole.release()
-        every = math.ceil(64 / loader.batch_size)  # batches between unmaps
-        trace = [mapped_kb(ids_file) for _, _ in itertools.islice(loader, 12 * every)]
-        low = [i for i, kb in enumerate(trace, 1) if kb < size_kb // 16]
-        assert all(b - a <= every for a, b in itertools.pairwise([0, *low, len(trace)])), (every, trace)
-    assert max(trace) > size_kb // 4  # training's windows did map pages in between
-
-
-def test_unmapping_leaves_any_other_memory_alone(tmp_path):
-    import pickle
-
-    from charlstm.data.prepared import MappedPages
-
-    in_memory = torch.arange(1 << 20, dtype=torch.int32)
-    other = tmp_path / "ids.u8"  # a mapped file, but not a prepared cache's: written to in place (copy on write)
-    other.write_bytes(bytes(1 << 20))
-    mapped = torch.from_file(str(other), shared=False, size=1 << 20, dtype=torch.uint8)
-    mapped += 1
-    for ids in (in_memory, mapped):
-        pages = MappedPages(ids, every=1)
-        pages.read()
-        assert pages._span is not None and pages._span[2] == 0  # looked up: not a prepared id file's map
-        assert pickle.loads(pickle.dumps(pages))._span is None  # another process looks its mapping up again
-    assert torch.equal(in_memory, torch.arange(1 << 20, dtype=torch.int32)) and bool((mapped == 1).all())
 
 
 def test_max_chars_keeps_the_vocabulary_of_the_slice(tmp_path, text_file):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -265,89 +264,6 @@ def open_prepared(folder: Path, fingerprint: str, say_damage: bool = True) -> Pr
     _record(folder, meta, files)
     ids = torch.from_file(str(ids_path), shared=False, size=n, dtype=torch_dtype)
     return PreparedCorpus(folder, ids, vocab, meta)
-
-
-class MappedPages:
-    """Gives back the pages that reads of a memory-mapped id tensor have mapped into this process.
-
-    Reading a mapped file maps the page-cache blocks read into the process, and the kernel maps big blocks at once
-    (read-ahead of several MB, page-cache folios up to 2 MB): windows gathered at random over a 4 GB corpus each
-    map ~0.5 MB, so RSS would grow towards the file's size as a run reads on. Those pages are clean page cache,
-    not the process's own memory, but RSS is what schedulers and ``top`` count. Every ``every`` reads
-    (``read(n)``), ``madvise(MADV_DONTNEED)`` unmaps them: on a file mapping that only drops this process's page
-    table entries (the ids are never written, so nothing is lost), and the next read maps them again from the
-    page cache. It costs ~0.1 ms for a 4 GB map.
-
-    A tensor not mapped from a file (an in-memory corpus) or a system without ``/proc/self/maps`` is left alone.
-    The mapping is looked up again in each process (a DataLoader worker may hold the tensor at another address).
-    """
-
-    def __init__(self, ids: torch.Tensor, every: int) -> None:
-        self.ids, self.every, self.count = ids, every, 0
-        self._span: tuple[int, int, int] | None = None  # (pid, start, length) of the file mapping holding ids
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_span": None}
-
-    def _mapping(self) -> tuple[int, int] | None:
-        pid = os.getpid()
-        if self._span is None or self._span[0] != pid:
-            self._span = (pid, *_file_mapping(self.ids))
-        return self._span[1:] if self._span[2] else None
-
-    @property
-    def mapped(self) -> bool:
-        """Whether the ids lie in a prepared id file's map (in this process)."""
-        return self._mapping() is not None
-
-    def read(self, n: int = 1) -> None:
-        self.count += n
-        if self.count >= self.every:
-            self.count = 0
-            self.release()
-
-    def release(self) -> None:
-        span = self._mapping()
-        if span is not None:
-            _madvise_dontneed(*span)
-
-
-# a prepared id file, as /proc/self/maps names it (the old file of a cache rebuilt since: "... (deleted)")
-_ID_FILE = re.compile(rf"/prepared/[^/]+/ids\.({'|'.join(ID_FILES)})( \(deleted\))?$")
-
-
-def _file_mapping(t: torch.Tensor) -> tuple[int, int]:
-    """(start, length) of the prepared id file's mapping that holds ``t``'s storage (/proc/self/maps); (0, 0) if
-    none."""
-    if t.numel() == 0:
-        return 0, 0
-    ptr = t.untyped_storage().data_ptr()
-    try:
-        with open("/proc/self/maps") as fh:
-            for line in fh:
-                fields = line.split(maxsplit=5)
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                if start <= ptr < end:  # a prepared id file's map; any other memory is not ours to unmap
-                    ours = len(fields) == 6 and _ID_FILE.search(fields[5].rstrip("\n")) is not None
-                    return (start, end - start) if ours else (0, 0)
-    except (OSError, ValueError):
-        pass
-    return 0, 0
-
-
-@functools.cache
-def _madvise() -> Callable[[int, int, int], int]:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise
-
-
-def _madvise_dontneed(start: int, length: int) -> None:
-    import mmap
-
-    _madvise()(start, length, mmap.MADV_DONTNEED)
 
 
 @contextlib.contextmanager
@@ -631,20 +547,18 @@ _REMAP_CHUNK = 1 << 22
 
 def _remap(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``table[ids]`` in chunks (a materialised copy in the table's dtype, never a full int64 one)."""
-    out, pages = torch.empty(len(ids), dtype=table.dtype), MappedPages(ids, every=1)
+    out = torch.empty(len(ids), dtype=table.dtype)
     for i in range(0, len(ids), _REMAP_CHUNK):
         out[i : i + _REMAP_CHUNK] = table[ids[i : i + _REMAP_CHUNK].long()]
-        pages.read()
     return out
 
 
 def keep_present(ids: torch.Tensor, vocab: CharVocab) -> tuple[torch.Tensor, CharVocab]:
     """The vocabulary of the chars ``ids`` hold (a slice of a corpus may lack some): ``ids`` unchanged (still
     mapped) when it holds them all, else re-numbered in the smaller vocabulary."""
-    counts, pages = torch.zeros(len(vocab), dtype=torch.long), MappedPages(ids, every=1)
+    counts = torch.zeros(len(vocab), dtype=torch.long)
     for i in range(0, len(ids), _REMAP_CHUNK):
         counts += torch.bincount(ids[i : i + _REMAP_CHUNK].long(), minlength=len(vocab))
-        pages.read()  # a scan of a big map leaves nothing mapped behind it
     kept = torch.nonzero(counts).flatten()
     if len(kept) == len(vocab):
         return ids, vocab

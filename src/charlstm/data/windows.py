@@ -1,6 +1,6 @@
 """Windows and streams over one 1-D id tensor, and the shuffle of windows: torch only (eval.py scores texts with
 them without importing Lightning). A batch is one gather from the ids, never a copy of the corpus as N x seq_len
-samples; a memory-mapped corpus gives back the pages its reads mapped (``prepared.MappedPages``)."""
+samples."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from charlstm.core.errors import ConfigError, CorpusError
-from charlstm.data.prepared import MappedPages
 
 TARGETS = ("last", "all")
 
@@ -34,16 +33,11 @@ class WindowDataset(Dataset):
             raise ConfigError(f"data.targets={targets!r} is not allowed; use 'last' or 'all'")
         self.ids, self.seq_len, self.stride, self.targets = ids, seq_len, stride, targets
         self._offsets = torch.arange(seq_len + 1)  # a window and its next char
-        self._pages = MappedPages(ids, every=64)  # a mapped corpus: unmap what every 64 windows read
 
     def __len__(self) -> int:
         return max(0, (len(self.ids) - self.seq_len - 1) // self.stride + 1)
 
     def __getitems__(self, indices: list[int]) -> Batch:
-        every = self._pages.every
-        if len(indices) > every and self._pages.mapped:  # a big batch (validation's) from a map: in parts, unmapping
-            parts = [self.__getitems__(indices[i : i + every]) for i in range(0, len(indices), every)]
-            return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
         starts = torch.as_tensor(indices, dtype=torch.long) * self.stride
         if self.targets == "last":
             x = self.ids[starts[:, None] + self._offsets[:-1]]
@@ -51,7 +45,6 @@ class WindowDataset(Dataset):
         else:
             both = self.ids[starts[:, None] + self._offsets]
             x, y = both[:, :-1], both[:, 1:]
-        self._pages.read(len(indices))
         return x.long(), y.long()
 
     def __getitem__(self, index: int) -> Batch:
@@ -81,7 +74,6 @@ class StreamDataset(IterableDataset):
         self.seq_len, self.length = seq_len, length
         self.inputs = part[: batch_size * length].view(batch_size, length)
         self.targets = part[1 : batch_size * length + 1].view(batch_size, length)
-        self._pages = MappedPages(ids, every=256)  # a mapped corpus: unmap what every 256 batches read
         self.start = 0  # the batch the next pass starts at (a resumed epoch; the pass after it starts at 0)
 
     def __len__(self) -> int:
@@ -90,17 +82,21 @@ class StreamDataset(IterableDataset):
     def __iter__(self):
         first, self.start = self.start, 0
         for i in range(first * self.seq_len, self.length, self.seq_len):
-            batch = self.inputs[:, i : i + self.seq_len].long(), self.targets[:, i : i + self.seq_len].long()
-            self._pages.read()
-            yield batch
+            yield self.inputs[:, i : i + self.seq_len].long(), self.targets[:, i : i + self.seq_len].long()
 
 
 class ShuffledWindows(Sampler[int]):
     """Shuffled window indices: every window once per epoch, without a Python list of every index; under DDP each
     rank reads its own share of one shuffle.
 
-    Up to ``exact_limit`` windows the order is one int64 randperm; beyond it (a big corpus: 400 M windows would be a
-    3.2 GB permutation) a keyed pseudo-random permutation computed block by block in constant memory.
+    Up to ``exact_limit`` windows the order is one int64 ``torch.randperm``; beyond it a keyed pseudo-random
+    permutation (``FeistelPermutation``) computed block by block in constant memory. Measured side by side
+    (benchmarks/results/machinery.md): randperm takes 8 bytes a window, 125 MB at 16 M windows, 766 MB at 100 M,
+    8 GB at 1 G and 32 GB for a 4 GB corpus at stride 1 (more than the 23 GB of the machine measured on); the
+    Feistel order holds ~25 MB at any size; it is slower to compute (1.3 s against 0.7 s for 16 M, 21 s against 6 s
+    for 100 M, one core), a cost lost in an epoch of 100 M windows, which trains for days. A random offset with a
+    randperm over blocks would save the memory but keep a block's neighbouring windows (the same text shifted by one
+    char) together in a batch.
 
     ``seed=None`` (one process): each epoch draws its seed from torch's RNG, the same order as
     ``RandomSampler`` (so a seeded run repeats, and a resumed one goes on with the restored RNG). With ``seed``
