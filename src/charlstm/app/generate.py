@@ -58,8 +58,8 @@ def pick_device(name: str) -> torch.device:
 
 def threads_for(threads: int | None, num_samples: int, mode: str) -> int:
     """CPU threads: one sample is a chain of small matrix-vector products that a second thread only slows down
-    (benchmarks/generate_speed.py); a stateful batch is split between threads, by default one per core torch
-    uses."""
+    (benchmarks/generate_speed.py); a stateful batch gives torch's threads wider matrices, by default one thread per
+    core torch uses."""
     if threads is not None:
         return threads
     return torch.get_num_threads() if mode == "stateful" and num_samples > 1 else 1
