@@ -33,6 +33,8 @@ BAD = [
     ("model.encoding=ascii", "model.encoding='ascii' is not allowed: it must be normalized, onehot or embedding"),
     ("model.optimizer=sgd", "model.optimizer='sgd' is not allowed: it must be adam or adamw"),
     ("model.scheduler=step", "model.scheduler='step' is not allowed: it must be none, plateau or cosine"),
+    ("model.warmup_fraction=1.0",
+     "model.warmup_fraction=1.0 is not allowed: it must be a number with 0 <= value < 1"),
     ("data.seq_len=0", "data.seq_len=0 is not allowed: it must be an integer >= 1"),
     ("data.stride=0", "data.stride=0 is not allowed: it must be an integer >= 1"),
     ("data.batch_size=0", "data.batch_size=0 is not allowed: it must be an integer >= 1"),
@@ -44,7 +46,8 @@ BAD = [
     ("data.lowercase=maybe", "data.lowercase='maybe' is not allowed: it must be true or false"),
     ("data.sha256=abc", "data.sha256='abc' is not allowed: it must be null or 64 hex digits"),
     ("sample.length=-1", "sample.length=-1 is not allowed: it must be an integer >= 0"),
-    ("sample.temperature=-0.5", "sample.temperature=-0.5 is not allowed: it must be a number >= 0 (0 is greedy)"),
+    ("sample.temperature=-0.5",
+     "sample.temperature=-0.5 is not allowed: it must be a number >= 0 (0 is greedy argmax)"),
     ("seed=-1", "seed=-1 is not allowed: it must be null or an integer >= 0"),
     ("trainer.max_epochs=0", "trainer.max_epochs=0 is not allowed: it must be an integer >= 1 (or -1 for no limit)"),
     ("trainer.accelerator=tpu", "trainer.accelerator='tpu' is not allowed: it must be cpu, gpu, cuda, mps or auto"),
@@ -138,6 +141,43 @@ def test_gpu_without_a_gpu_is_one_line(make_cfg):
         train(make_cfg("trainer.accelerator=gpu"))
     assert str(info.value).startswith("trainer.accelerator=gpu but no CUDA GPU is visible to torch (torch ")
     assert str(info.value).endswith("run on the CPU with trainer=cpu (or trainer.accelerator=cpu)")
+
+
+def test_one_rule_per_value_shared_by_training_generation_and_evaluation():
+    """A value's rule is written once: the generation API, the generate and eval tables and the train table's
+    sample.* and choice keys use the same rule objects (and the constants the classes dispatch on)."""
+    from charlstm.app.config import TRAIN_RULES
+    from charlstm.app.evaluate import EVAL_RULES
+    from charlstm.app.generate import GENERATE_RULES
+    from charlstm.core.net import ENCODINGS
+    from charlstm.core.sampling import SAMPLING_RULES
+    from charlstm.data.windows import LAYOUTS, TARGETS
+
+    for key, rule in SAMPLING_RULES.items():
+        assert GENERATE_RULES[key] is rule
+    assert EVAL_RULES["unknown"] is SAMPLING_RULES["unknown"] and EVAL_RULES["device"] is GENERATE_RULES["device"]
+    assert TRAIN_RULES["sample.length"] is SAMPLING_RULES["length"]
+    assert TRAIN_RULES["sample.temperature"] is SAMPLING_RULES["temperature"]
+    assert TRAIN_RULES["model.encoding"][1] is ENCODINGS
+    assert TRAIN_RULES["data.layout"][1] is LAYOUTS and TRAIN_RULES["data.targets"][1] is TARGETS
+    assert all(k in EVAL_RULES for k in TRAIN_RULES if k.startswith("data.") and k != "data.encoding")
+
+
+def test_every_setting_of_the_model_and_data_classes_has_a_rule_or_a_check_of_its_own():
+    """The classes take configured values as given, so each of their settings is in the table (or is one checked
+    where it is read: a vocabulary, extra plays, paths; or set by train() from the data section)."""
+    import inspect
+
+    from charlstm.app.config import TRAIN_RULES
+    from charlstm.training.datamodule import CharDataModule
+    from charlstm.training.model import CharLSTMModule
+
+    own = {"data": {"path", "data_dir", "vocab", "extra_plays", "encoding"},
+           "model": {"vocab", "seq_len", "layout", "lowercase", "init_from"}}  # fmt: skip
+    for section, cls in (("data", CharDataModule), ("model", CharLSTMModule)):
+        names = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+        unruled = [n for n in names if f"{section}.{n}" not in TRAIN_RULES and n not in own[section]]
+        assert unruled == [], f"{section} settings without a rule: {unruled}"
 
 
 def test_rules_skip_absent_keys():

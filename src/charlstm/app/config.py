@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import math
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +12,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from charlstm.core.errors import ConfigError
+from charlstm.core.net import ENCODINGS
+from charlstm.core.rules import INT_GE0, INT_GE1, Rule, is_int, is_number, refuse
+from charlstm.core.sampling import SAMPLING_RULES
+from charlstm.data.windows import LAYOUTS, TARGETS
 
-# key -> (kind, rule, what is allowed). Kinds: int, float, bool, str, choice (rule: the allowed values), any (rule:
-# a predicate on the raw value); a trailing "?" also allows null. Keys absent from a config are skipped.
-Rule = tuple[str, Callable[[Any], bool] | tuple[Any, ...] | None, str]
-
-INT_GE1 = ("int", lambda v: v >= 1, "an integer >= 1")
-INT_GE0 = ("int", lambda v: v >= 0, "an integer >= 0")
 FRACTION_OPEN = ("float", lambda v: 0 < v < 1, "a number with 0 < value < 1")
 DROPOUT = ("float", lambda v: 0 <= v < 1, "a number with 0 <= value < 1")
 PRECISIONS = (
@@ -34,17 +30,9 @@ STRATEGIES = (
 _DURATION = re.compile(r"^\d+:\d{1,2}:\d{1,2}:\d{1,2}$")
 
 
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _batches_limit(v: Any) -> bool:
     """Lightning's limit_*_batches / overfit_batches: a count (int >= 0) or a fraction in [0, 1]."""
-    return (_int(v) and v >= 0) or (isinstance(v, float) and 0.0 <= v <= 1.0)
+    return (is_int(v) and v >= 0) or (isinstance(v, float) and 0.0 <= v <= 1.0)
 
 
 BATCHES = ("any", lambda v: v is None or _batches_limit(v), "null, a count >= 0 or a fraction in [0, 1]")
@@ -52,10 +40,12 @@ BATCHES = ("any", lambda v: v is None or _batches_limit(v), "null, a count >= 0 
 
 def _devices(v: Any) -> bool:
     if isinstance(v, ListConfig | list):
-        return len(v) > 0 and all(_int(d) and d >= 0 for d in v)
-    return v == "auto" or (_int(v) and (v >= 1 or v == -1)) or (isinstance(v, str) and v.strip() != "")
+        return len(v) > 0 and all(is_int(d) and d >= 0 for d in v)
+    return v == "auto" or (is_int(v) and (v >= 1 or v == -1)) or (isinstance(v, str) and v.strip() != "")
 
 
+# key -> Rule (charlstm.core.rules: kind, rule, what is allowed); keys absent from a config are skipped. This table is
+# the one place a configured value of a run is checked: the classes it configures take their values as given.
 TRAIN_RULES: dict[str, Rule] = {
     # data
     "data.source": ("choice", ("play", "file"), "play or file"),
@@ -66,8 +56,8 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.max_chars": ("int?", lambda v: v >= 1, "null or an integer >= 1"),
     "data.seq_len": INT_GE1,
     "data.stride": INT_GE1,
-    "data.layout": ("choice", ("windows", "streams"), "windows or streams"),
-    "data.targets": ("choice", ("last", "all"), "last or all"),
+    "data.layout": ("choice", LAYOUTS, "windows or streams"),
+    "data.targets": ("choice", TARGETS, "last or all"),
     "data.val_fraction": FRACTION_OPEN,
     "data.test_fraction": ("float", lambda v: 0 <= v < 1, "a number with 0 <= value < 1 (0: no test text)"),
     "data.val_max_windows": ("int?", lambda v: v >= 1, "null or an integer >= 1"),
@@ -77,7 +67,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.num_workers": INT_GE0,
     "data.main_repeat": INT_GE1,
     # model
-    "model.encoding": ("choice", ("normalized", "onehot", "embedding"), "normalized, onehot or embedding"),
+    "model.encoding": ("choice", ENCODINGS, "normalized, onehot or embedding"),
     "model.units": INT_GE1,
     "model.layers": INT_GE1,
     "model.embed_dim": INT_GE1,
@@ -89,6 +79,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "model.weight_decay": ("float", lambda v: v >= 0, "a number >= 0"),
     "model.scheduler": ("choice", ("none", "plateau", "cosine"), "none, plateau or cosine"),
     "model.warmup_steps": INT_GE0,
+    "model.warmup_fraction": ("float", lambda v: 0 <= v < 1, "a number with 0 <= value < 1"),
     "model.min_lr_ratio": ("float", lambda v: 0 <= v <= 1, "a number with 0 <= value <= 1"),
     "model.plateau_factor": FRACTION_OPEN,
     "model.plateau_patience": INT_GE0,
@@ -112,7 +103,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "trainer.check_val_every_n_epoch": ("int?", lambda v: v >= 1, "null or an integer >= 1"),
     "trainer.val_check_interval": (
         "any",
-        lambda v: v is None or (_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
+        lambda v: v is None or (is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
         "null, a number of batches >= 1 or a fraction of the epoch in (0, 1]",
     ),
     "trainer.log_every_n_steps": INT_GE1,
@@ -146,8 +137,8 @@ TRAIN_RULES: dict[str, Rule] = {
     "ckpt_path": ("str?", lambda v: v.strip() != "", "null, last or a path to a .ckpt file"),
     "init_from": ("str?", lambda v: v.strip() != "", "null, base, last or a path to a .ckpt file"),
     "sample.prompt": ("str", None, "a string"),
-    "sample.length": INT_GE0,
-    "sample.temperature": ("float", lambda v: v >= 0, "a number >= 0 (0 is greedy)"),
+    "sample.length": SAMPLING_RULES["length"],
+    "sample.temperature": SAMPLING_RULES["temperature"],
 }
 
 
@@ -164,31 +155,12 @@ def _get(cfg: DictConfig, key: str) -> tuple[bool, Any]:
     return True, node
 
 
-def _breaks(kind: str, rule: Any, value: Any) -> bool:
-    optional, base = kind.endswith("?"), kind.rstrip("?")
-    if base == "any":
-        return not rule(value)
-    if value is None:
-        return not optional
-    if base == "bool":
-        return not isinstance(value, bool)
-    if base == "choice":
-        return isinstance(value, bool) or value not in rule
-    if base == "str":
-        return not isinstance(value, str) or (rule is not None and not rule(value))
-    if base == "int":
-        return not _int(value) or not rule(value)
-    if base == "float":
-        return not _number(value) or not rule(value)
-    raise ValueError(f"unknown rule kind {kind!r}")
-
-
 def check(cfg: DictConfig, rules: dict[str, Rule]) -> None:
     """Raise ConfigError for the first value that breaks its rule; keys absent from ``cfg`` are skipped."""
-    for key, (kind, rule, allowed) in rules.items():
+    for key, rule in rules.items():
         present, value = _get(cfg, key)
-        if present and _breaks(kind, rule, value):
-            raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}")
+        if present:
+            refuse(key, value, rule)
 
 
 def _missing(node: DictConfig, prefix: str = "") -> list[str]:
@@ -302,7 +274,7 @@ def check_consistent(cfg: DictConfig) -> None:
         )
     _, val = _get(cfg, "data.val_fraction")
     _, test = _get(cfg, "data.test_fraction")
-    if _number(val) and _number(test) and val + test >= 1:
+    if is_number(val) and is_number(test) and val + test >= 1:
         raise ConfigError(
             f"data.val_fraction={val} and data.test_fraction={test} leave no training text; keep their sum below 1"
         )

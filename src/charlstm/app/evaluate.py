@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from charlstm.app.config import TRAIN_RULES, Rule, check, check_missing
-from charlstm.app.generate import pick_device, write_output
+from charlstm.app.generate import GENERATE_RULES, pick_device, write_output
 from charlstm.core import checkpoint
 from charlstm.core.errors import CharLSTMError, ConfigError, CorpusError, exit_on_error
 from charlstm.core.hardware import check_fits
@@ -27,8 +27,8 @@ from charlstm.core.vocab import CharVocab
 from charlstm.data.windows import WindowDataset
 
 EVAL_RULES: dict[str, Rule] = {
-    "unknown": ("choice", ("error", "skip"), "error or skip"),
-    "device": ("choice", ("cpu", "gpu", "auto"), "cpu, gpu or auto"),
+    "unknown": GENERATE_RULES["unknown"],
+    "device": GENERATE_RULES["device"],
     "batch_size": ("int", lambda v: v >= 1, "an integer >= 1"),
     "windows": ("choice", ("all", "run"), "all (every validation char) or run (the run's own subsample)"),
     **{k: v for k, v in TRAIN_RULES.items() if k.startswith("data.") and k != "data.encoding"},

@@ -15,18 +15,12 @@ from charlstm.core import checkpoint
 from charlstm.core.errors import CharLSTMError, ConfigError, exit_on_error
 from charlstm.core.fileio import atomic_write_text
 from charlstm.core.hardware import usable_cores
-from charlstm.core.sampling import MODES, UNKNOWN, Generator, printable
+from charlstm.core.sampling import SAMPLING_RULES, Generator, printable
 
 GENERATE_RULES: dict[str, Rule] = {
-    "length": ("int", lambda v: v >= 0, "an integer >= 0"),
-    "temperature": ("float", lambda v: v >= 0, "a number >= 0 (0 is greedy argmax)"),
-    "top_k": ("int", lambda v: v >= 0, "an integer >= 0 (0 keeps every char)"),
-    "top_p": ("float", lambda v: 0 < v <= 1, "a number with 0 < top_p <= 1 (1 keeps every char)"),
-    "num_samples": ("int", lambda v: v >= 1, "an integer >= 1"),
+    **SAMPLING_RULES,
     "seed": ("int?", lambda v: v >= 0, "null (a fresh seed) or an integer >= 0"),
-    "mode": ("choice", MODES, "stateful or window"),
     "device": ("choice", ("cpu", "gpu", "auto"), "cpu, gpu or auto"),
-    "unknown": ("choice", UNKNOWN, "error or skip"),
     # more threads than cores only slow generation down, and tens of thousands crash OpenMP
     "threads": (
         "int?",

@@ -50,8 +50,6 @@ class CharLSTM(nn.Module):
         output_dropout: float | None = None,
     ) -> None:
         super().__init__()
-        if encoding not in ENCODINGS:
-            raise ConfigError(f"model.encoding={encoding!r} is not allowed; use one of {', '.join(ENCODINGS)}")
         self.vocab_size, self.units, self.layers, self.encoding = vocab_size, units, layers, encoding
         self.embed = nn.Embedding(vocab_size, embed_dim) if encoding == "embedding" else None
         input_size = {"normalized": 1, "onehot": vocab_size, "embedding": embed_dim}[encoding]

@@ -15,6 +15,7 @@ from charlstm.core import checkpoint
 from charlstm.core.errors import ConfigError
 from charlstm.core.hardware import check_fits
 from charlstm.core.net import CharLSTM, encode_inputs, sequence_bytes
+from charlstm.core.rules import INT_GE0, INT_GE1, Rule, check_values
 from charlstm.core.vocab import CharVocab, unknown_chars
 
 MODES = ("stateful", "window")
@@ -38,22 +39,24 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+# The generation settings; generate.py checks the same keys in its config with these rules.
+SAMPLING_RULES: dict[str, Rule] = {
+    "length": INT_GE0,
+    "temperature": ("float", lambda v: v >= 0, "a number >= 0 (0 is greedy argmax)"),
+    "top_k": ("int", lambda v: v >= 0, "an integer >= 0 (0 keeps every char)"),
+    "top_p": ("float", lambda v: 0 < v <= 1, "a number with 0 < top_p <= 1 (1 keeps every char)"),
+    "num_samples": INT_GE1,
+    "mode": ("choice", MODES, "stateful or window"),
+    "unknown": ("choice", UNKNOWN, "error or skip"),
+}
+
+
 def check_options(
     length: int, temperature: float, top_k: int, top_p: float, num_samples: int, mode: str, unknown: str
 ) -> None:
-    """The generation settings, checked before any work; a bad one is one line naming it and what is allowed."""
-    bad = [
-        (not isinstance(length, int) or length < 0, f"length={length!r}", "an integer >= 0"),
-        (not temperature >= 0, f"temperature={temperature!r}", "a number >= 0 (0 is greedy argmax)"),
-        (not isinstance(top_k, int) or top_k < 0, f"top_k={top_k!r}", "an integer >= 0 (0 keeps every char)"),
-        (not 0 < top_p <= 1, f"top_p={top_p!r}", "a number with 0 < top_p <= 1 (1 keeps every char)"),
-        (not isinstance(num_samples, int) or num_samples < 1, f"num_samples={num_samples!r}", "an integer >= 1"),
-        (mode not in MODES, f"mode={mode!r}", "stateful or window"),
-        (unknown not in UNKNOWN, f"unknown={unknown!r}", "error or skip"),
-    ]
-    for is_bad, what, allowed in bad:
-        if is_bad:
-            raise ConfigError(f"{what} is not allowed: it must be {allowed}")
+    """The generation settings of a direct caller, checked before any work by :data:`SAMPLING_RULES`."""
+    check_values(dict(length=length, temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
+                      mode=mode, unknown=unknown), SAMPLING_RULES)  # fmt: skip
 
 
 class _Noise:

@@ -63,12 +63,6 @@ def markdown_to_text(md: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def check_errors(errors: str) -> None:
-    """``data.errors`` is 'strict' or 'replace'."""
-    if errors not in ("strict", "replace"):
-        raise CorpusError(f"data.errors={errors!r} is not allowed; use 'strict' or 'replace'")
-
-
 def check_file(path: str | os.PathLike[str]) -> Path:
     """The corpus file ``path``, which must exist, be a readable regular file and hold something.
 

@@ -24,7 +24,7 @@ import torch
 from charlstm.core.errors import CorpusError, VocabError, storage_error, write_failure
 from charlstm.core.fileio import file_mode, fsync_dir
 from charlstm.core.vocab import CharVocab, char_list, codepoints, unknown_chars
-from charlstm.data.corpus import check_errors, corpus_file
+from charlstm.data.corpus import corpus_file
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ def iter_text(
     boundary is joined), a leading BOM dropped, CRLF turned into LF (a pair split by a boundary too), optionally
     lowercased. An undecodable byte is an error naming its offset in the file unless ``errors='replace'``.
     """
-    check_errors(errors)
     decoder = codecs.getincrementaldecoder("utf-8")(errors)
     pos, held, started = 0, "", False
     with open(path, "rb") as fh:
@@ -445,7 +444,6 @@ def prepare(
     """
     path = Path(path)
     where = where or f"corpus file {path}"
-    check_errors(errors)
     root, group = cache_names(path, data_dir, lowercase, errors)
     content_hash = _text_hash(path, _index(root, group))
     fingerprint = _fingerprint(group, key, content_hash)

@@ -9,9 +9,10 @@ import math
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from charlstm.core.errors import ConfigError, CorpusError
+from charlstm.core.errors import CorpusError
 
-TARGETS = ("last", "all")
+TARGETS = ("last", "all")  # data.targets
+LAYOUTS = ("windows", "streams")  # data.layout: WindowDataset or StreamDataset
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -29,8 +30,6 @@ class WindowDataset(Dataset):
     """
 
     def __init__(self, ids: torch.Tensor, seq_len: int, stride: int = 1, targets: str = "last") -> None:
-        if targets not in TARGETS:
-            raise ConfigError(f"data.targets={targets!r} is not allowed; use 'last' or 'all'")
         self.ids, self.seq_len, self.stride, self.targets = ids, seq_len, stride, targets
         self._offsets = torch.arange(seq_len + 1)  # a window and its next char
 

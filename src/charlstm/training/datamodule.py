@@ -13,13 +13,11 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from charlstm.core.errors import ConfigError, CorpusError
-from charlstm.core.net import ENCODINGS, encode_inputs
+from charlstm.core.net import encode_inputs
 from charlstm.core.vocab import CharVocab
 from charlstm.data.corpus import play_names, play_text
 from charlstm.data.prepared import check_covers, corpus_ids, recode
 from charlstm.data.windows import Batch, ResumableLoader, ShuffledWindows, StreamDataset, WindowDataset, _as_batch
-
-LAYOUTS = ("windows", "streams")
 
 
 def split_ids(ids: torch.Tensor, val_fraction: float, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,10 +220,6 @@ class CharDataModule(pl.LightningDataModule):
         main_repeat: int = 1,
     ) -> None:
         super().__init__()
-        if layout not in LAYOUTS:
-            raise ConfigError(f"data.layout={layout!r} is not allowed; use 'windows' or 'streams'")
-        if encoding not in ENCODINGS:
-            raise ConfigError(f"data.encoding={encoding!r} is not allowed; use one of {', '.join(ENCODINGS)}")
         self.corpus_args = dict(source=source, play=play, path=path, sha256=sha256,
                                 data_dir=data_dir, errors=errors)  # fmt: skip
         self.lowercase, self.max_chars = lowercase, max_chars

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from charlstm.core.errors import ConfigError, DivergenceError
 from charlstm.core.net import CharLSTM, State
 from charlstm.training.datamodule import (
-    LAYOUTS,
     STREAMS_KEY,
     fix_resume_point,
     own_stream_state,
@@ -63,14 +62,6 @@ class CharLSTMModule(pl.LightningModule):
         init_from: str | None = None,
     ) -> None:
         super().__init__()
-        if optimizer not in ("adam", "adamw"):
-            raise ConfigError(f"model.optimizer={optimizer!r} is not allowed; use 'adam' or 'adamw'")
-        if scheduler not in ("none", "plateau", "cosine"):
-            raise ConfigError(f"model.scheduler={scheduler!r} is not allowed; use 'none', 'plateau' or 'cosine'")
-        if not 0.0 <= warmup_fraction < 1.0:
-            raise ConfigError(f"model.warmup_fraction={warmup_fraction!r} is not allowed; use a number in [0, 1)")
-        if layout not in LAYOUTS:
-            raise ConfigError(f"layout={layout!r} is not allowed; use 'windows' or 'streams'")
         self.save_hyperparameters()
         self.net = CharLSTM(len(vocab), units, layers, dropout, encoding, embed_dim, input_dropout, output_dropout)
         self._train_state: State | None = None
