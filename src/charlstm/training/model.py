@@ -180,7 +180,7 @@ class CharLSTMModule(pl.LightningModule):
             {"params": decay, "weight_decay": hp.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        opt_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+        opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[hp.optimizer]  # checked by app.config
         opt = opt_cls(groups, lr=hp.lr, **self._fused())
         if hp.scheduler == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
