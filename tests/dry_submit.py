@@ -34,15 +34,17 @@ def map_array(executor: Any, launcher: Any, *iterables: Any) -> list[NotSent]:
 
     inner = executor._executor
     jobs = []
-    for overrides, _key, num, _id, _state, _claim in zip(*iterables, strict=True):
+    for overrides, _key, num, _id, _state in zip(*iterables, strict=True):
         cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+        # claimed here, sent with the job as its hydra.sweep.dir and hydra.sweep.subdir (also to its requeued start)
+        folder = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+        task = list(cfg.hydra.overrides.task)
         with_hydra = OmegaConf.to_container(cfg, resolve=False)
         with_hydra.pop("hydra")
         OmegaConf.set_struct(cfg, False)
         cfg.pop("hydra")
         validate_train(cfg)
-        folder = next(iter(_claim.values()))["dir"]  # claimed here, sent with the job (also to its requeued start)
-        jobs.append({"num": num, "overrides": list(overrides), "config": with_hydra, "folder": folder})
+        jobs.append({"num": num, "overrides": task, "config": with_hydra, "folder": str(folder)})
     parameters = dict(inner.parameters)
     if len(jobs) > 1:
         inner.parameters["map_count"] = len(jobs)  # an array job, as submitit sends a sweep

@@ -237,6 +237,7 @@ def test_a_job_that_failed_is_one_line_naming_it_and_its_log(tmp_path, monkeypat
 
 def test_a_job_runs_in_the_folder_claimed_when_it_was_submitted_also_when_requeued(tmp_path, monkeypatch):
     import submitit
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from charlstm.app import rundir
     from hydra_plugins.charlstm_launcher.launchers import LocalLauncher
@@ -249,22 +250,19 @@ def test_a_job_runs_in_the_folder_claimed_when_it_was_submitted_also_when_requeu
 
     monkeypatch.setattr(submitit.AutoExecutor, "map_array", submit)
     monkeypatch.setenv(rundir.FIXED_ENV, "[]")
-    monkeypatch.delenv(rundir.DIRS_ENV, raising=False)
+    sweep = tmp_path / "it's a sweep"
+    (sweep / "1_model.units=16").mkdir(parents=True)  # an earlier sweep's job
     launcher = LocalLauncher(submitit_folder=str(tmp_path / ".submitit" / "%j"), tasks_per_node=1, timeout_min=1)
-    launcher.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    launcher.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
     launcher.launch([["model.units=8"], ["model.units=16"]], initial_job_idx=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".submitit", "0_model.units=8", "1_model.units=16"]
-    (tmp_path / "0_model.units=8" / "config.yaml").write_text("{}")  # the first start of job 0 used it
+    assert sorted(p.name for p in sweep.iterdir()) == ["0_model.units=8", "1_model.units=16", "1_model.units=16-1"]
 
-    # job 0 started again (requeued) by its runner: a new process, with the environment of the submission
-    overrides, _, num, _, _, claim = submitted[0]
-    monkeypatch.setenv(rundir.DIRS_ENV, os.environ[rundir.DIRS_ENV])
-    monkeypatch.setattr(os, "getpid", lambda: -7)
-    monkeypatch.setenv(REQUEUE_ENV, "1")
-    rundir.adopt(claim)
-    job = OmegaConf.create({"hydra": {"overrides": {"task": overrides}}})
-    assert rundir._job_dir(str(tmp_path), num, _root_=job) == "0_model.units=8"  # its own folder, not a `-1`
-    assert len(list(tmp_path.iterdir())) == 3
+    # what each job is sent, and sent again when it is requeued: its folder as Hydra's own settings
+    parser = OverridesParser.create()
+    expected = [(8, "0_model.units=8"), (16, "1_model.units=16-1")]
+    for (overrides, *_), (units, name) in zip(submitted, expected, strict=True):
+        parsed = {o.get_key_element(): o.value() for o in parser.parse_overrides(overrides)}
+        assert parsed == {"model.units": units, "hydra.sweep.dir": str(sweep), "hydra.sweep.subdir": name}
 
 
 # -- submitit_local, for real ----------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from charlstm.app import rundir
-from charlstm.app.rundir import claim_dir, claimed, fixed_keys, job_dirname, safe_name, swept_overrides
+from charlstm.app.rundir import claim_dir, fixed_keys, job_dirname, safe_name, swept_overrides
 from charlstm.app.summary import collect_rows, rank_rows, write_result, write_summary
 from tests import forkserver
 from tests.cli import cli_env
@@ -138,33 +137,26 @@ def test_a_failed_command_takes_away_the_folders_it_claimed_and_left_unused(tmp_
     ]  # fmt: skip
 
 
-def test_a_claim_holds_in_its_process_and_is_inherited_by_the_processes_it_starts(tmp_path, monkeypatch):
-    for var in (rundir.DIRS_ENV, "RANK", "LOCAL_RANK", "SLURM_PROCID"):
+def test_a_folder_is_claimed_once_per_config_and_a_rank_above_0_takes_rank_0s(tmp_path, monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)
     (tmp_path / "t").mkdir()  # taken by another command
-    first = claimed("run", str(tmp_path / "t"))
-    assert first == str(tmp_path / "t-1")
-    assert claimed("run", str(tmp_path / "t")) == first  # resolved again (e.g. by Lightning): the same folder
-    assert claimed("run", str(tmp_path / "t-at-another-second")) == first
-    monkeypatch.setattr(os, "getpid", lambda: -7)  # a process started from this one, with the variable
-    assert claimed("run", str(tmp_path / "t")) == first  # a launcher's worker: the same name, the same folder
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert claimed("run", str(tmp_path / "t-next-second")) == first  # a DDP rank: rank 0's folder
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    assert claimed("run", str(tmp_path / "u")) == str(tmp_path / "u")  # another name: its own claim
-    monkeypatch.setenv(rundir.DIRS_ENV, "{}")
-    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank > 0 that inherited no claim never makes a suffix of its own
-    assert claimed("run", str(tmp_path / "t")) == str(tmp_path / "t")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    assert claimed("run", str(tmp_path / "t")) == str(tmp_path / "t-2")
-    rundir.release()
-    assert claimed("run", str(tmp_path / "t")) == str(tmp_path / "t-3")  # released: the next run claims afresh
+    cfg = OmegaConf.create({"base": str(tmp_path / "t"), "dir": "${charlstm.unique_dir:${base}}"})
+    assert cfg.dir == str(tmp_path / "t-1")
+    assert cfg.dir == str(tmp_path / "t-1")  # read again (e.g. by Lightning): the same folder
+    copy = OmegaConf.create({"base": str(tmp_path / "t"), "dir": "${charlstm.unique_dir:${base}}"})
+    OmegaConf.copy_cache(from_config=cfg, to_config=copy)  # what Hydra does for each job of a multirun
+    assert copy.dir == str(tmp_path / "t-1")
+    again = OmegaConf.create({"base": str(tmp_path / "t"), "dir": "${charlstm.unique_dir:${base}}"})
+    assert again.dir == str(tmp_path / "t-2")  # the next run (a config of its own) claims afresh
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank > 0 that resolves the folder itself never makes a suffix
+    rank1 = OmegaConf.create({"base": str(tmp_path / "t"), "dir": "${charlstm.unique_dir:${base}}"})
+    assert rank1.dir == str(tmp_path / "t")
 
 
-def test_the_run_and_sweep_folders_of_the_config_are_claimed_once(tmp_path, monkeypatch):
+def test_the_run_and_sweep_folders_of_the_config_are_claimed_once(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    monkeypatch.delenv(rundir.DIRS_ENV, raising=False)
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         cfg = compose("train", [f"paths.outputs_root={tmp_path}"], return_hydra_config=True)
     run = Path(cfg.hydra.run.dir)

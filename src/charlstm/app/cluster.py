@@ -16,6 +16,8 @@ from charlstm.app.cli import command_line
 from charlstm.core.errors import ConfigError
 
 # The number of times submitit requeued this job, set when it starts it again (see hydra_plugins.charlstm_launcher).
+# An environment variable because the DDP ranks Lightning starts in the job run the command line again (a process
+# of their own) and must resume as rank 0 does; SLURM's own count (SLURM_RESTART_COUNT) misses submitit's requeues.
 REQUEUE_ENV = "CHARLSTM_REQUEUES"
 
 

@@ -17,7 +17,8 @@ from charlstm.core import checkpoint
 from charlstm.core.errors import CheckpointError, ConfigError, process_rank
 from charlstm.core.vocab import char_list
 
-# Set by rank 0 when it resolves `ckpt_path=last`, so DDP ranks started later resume the very same file.
+# Set by rank 0 when it resolves `ckpt_path=last`, so DDP ranks started later resume the very same file: Lightning
+# starts them with the command line and the environment only, and `last` resolved again may name a newer file.
 RESUME_ENV = "CHARLSTM_RESUME_PATH"
 
 # What a resumed run may change on the command line: limits, hardware, logging and reporting, and the learning rate

@@ -1,13 +1,12 @@
 """Run and sweep-job folders: claimed atomically (a ``-N`` suffix when the name is taken), job folders named by
-their overrides in safe characters, and the one folder every DDP rank of a run agrees on.
+their overrides in safe characters, and one process at a time training in a run folder (an flock on RUN/.lock).
 
-Hydra resolves ``hydra.run.dir`` and ``hydra.sweep.dir`` through the ``charlstm.unique_dir`` resolver and
-``hydra.sweep.subdir`` through ``charlstm.job_dir`` (configs/hydra/default.yaml). The folder a process claims is
-kept in ``os.environ``: resolving the same setting again in that process (Lightning reads ``hydra.run.dir`` to
-start the DDP ranks, Hydra re-reads the sweep folder for every job) gives the same folder, and processes started
-from it inherit the choice. A cluster launcher claims each job's folder when it submits the job and sends the claim
-with it (:func:`hand_off`, :func:`adopt`): every task of the job, and every start of it after a requeue, uses that
-folder. A command that fails takes away the folders it claimed and left unused (:func:`discard_unused`).
+Hydra resolves ``hydra.run.dir`` through the ``charlstm.run_dir`` resolver, ``hydra.sweep.dir`` through
+``charlstm.unique_dir`` and ``hydra.sweep.subdir`` through ``charlstm.job_dir`` (configs/hydra/default.yaml), each
+resolved once per config (OmegaConf's resolver cache). Lightning starts DDP ranks with rank 0's folder as
+``hydra.run.dir``; a cluster launcher claims each job's folder when it submits the job and sends it as the job's
+``hydra.sweep.dir`` and ``hydra.sweep.subdir``, so every task of the job, and every start after a requeue, uses it.
+A command that fails takes away the folders it claimed and left unused (:func:`discard_unused`).
 """
 
 from __future__ import annotations
@@ -29,9 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from charlstm.core.errors import ConfigError, process_rank, write_failure
 
-# {key: {"base": the name asked for, "dir": the folder claimed, "pid": the process that claimed it}}
-DIRS_ENV = "CHARLSTM_RUN_DIRS"
-# JSON list of the keys a multirun's command line fixes (not swept): left out of job folder names
+# JSON list of the keys a multirun's command line fixes (not swept): left out of job folder names. An environment
+# variable because a job reads it in another process (a submitit job, as it names its swept keys in result.json),
+# and Hydra keeps no record of which overrides a multirun's command line swept.
 FIXED_ENV = "CHARLSTM_SWEEP_FIXED"
 # Longest override part of a job folder name; longer ones are cut and end in a short hash of the whole
 NAME_LIMIT = 100
@@ -178,70 +177,9 @@ def job_dirname(num: int | str, overrides: Sequence[str]) -> str:
     return f"{num}_{safe_name(text)}"
 
 
-# -- the claims of this command ---------------------------------------------------------------------------------
-def _claims() -> dict[str, dict[str, Any]]:
-    try:
-        claims = json.loads(os.environ.get(DIRS_ENV, ""))
-    except ValueError:
-        return {}
-    return {k: v for k, v in claims.items() if isinstance(v, dict)} if isinstance(claims, dict) else {}
-
-
-def claimed(key: str, base: str) -> str:
-    """The folder this command uses for ``key`` (``run``, ``sweep``, ``job:<sweep>:<num>``), created on first use.
-
-    Rank 0 (or a process alone) claims it; asking again gets the same folder. A process started from it (a DDP
-    rank, a launcher's worker) inherits the claims: it takes the same folder for the same ``base``, and a rank > 0
-    takes rank 0's whatever its own ``base`` (its clock may have passed the second), else ``base`` as it is, never
-    a suffixed folder of its own.
-    """
-    claims = _claims()
-    entry = claims.get(key)
-    rank = process_rank()
-    if entry is not None and (entry.get("pid") == os.getpid() or entry.get("base") == base or rank > 0):
-        return str(entry["dir"])
-    if rank > 0:
-        Path(base).mkdir(parents=True, exist_ok=True)
-        return base
-    folder = str(claim_dir(base))
-    claims[key] = {"base": base, "dir": folder, "pid": os.getpid()}
-    os.environ[DIRS_ENV] = json.dumps(claims)
-    return folder
-
-
-def release(*keys: str) -> None:
-    """Forget this process's claims (all, or ``keys``), so a next run in the same process claims afresh."""
-    claims = _claims()
-    for key in keys or list(claims):
-        if key in claims and claims[key].get("pid") == os.getpid():
-            _made.pop(Path(claims[key]["dir"]), None)
-            del claims[key]
-    os.environ[DIRS_ENV] = json.dumps(claims)
-
-
-def job_key(sweep_dir: str, num: Any) -> str:
-    return f"job:{sweep_dir}:{num}"
-
-
 def claim_job_dir(sweep_dir: str, num: Any, overrides: Sequence[str]) -> str:
-    """The folder of job ``num`` of the sweep in ``sweep_dir`` (whose overrides are ``overrides``), claimed once."""
-    return claimed(job_key(sweep_dir, num), str(Path(sweep_dir) / job_dirname(num, swept_overrides(overrides))))
-
-
-def hand_off(key: str) -> dict[str, Any]:
-    """This process's claim of ``key``, taken out of its environment, for the process that runs the job (a cluster
-    job, started again when it is requeued): given to :func:`adopt` there, it names the same folder every time."""
-    claims = _claims()
-    entry = claims.pop(key)
-    os.environ[DIRS_ENV] = json.dumps(claims)
-    return {key: entry}
-
-
-def adopt(claims: dict[str, Any]) -> None:
-    """Take ``claims`` (from :func:`hand_off`) as this process's own: resolving their folders gives those."""
-    mine = _claims()
-    mine.update({key: {**entry, "pid": os.getpid()} for key, entry in claims.items()})
-    os.environ[DIRS_ENV] = json.dumps(mine)
+    """Claim the folder of job ``num`` of the sweep in ``sweep_dir`` (whose overrides are ``overrides``)."""
+    return str(claim_dir(Path(sweep_dir) / job_dirname(num, swept_overrides(overrides))))
 
 
 # -- one process per run folder ---------------------------------------------------------------------------------
@@ -387,11 +325,24 @@ def resumed_folder(ckpt_path: Any, outputs_root: Any) -> Path | None:
     return run_folder_of(path.resolve()) if path.is_file() else None
 
 
+def _claim(base: str) -> str:
+    """``base`` claimed (:func:`claim_dir`); a DDP rank > 0 that resolves the folder itself (its ranks started by a
+    scheduler, not by Lightning, which passes rank 0's ``hydra.run.dir`` on) takes ``base`` as it is, rank 0's."""
+    if process_rank() > 0:
+        Path(base).mkdir(parents=True, exist_ok=True)
+        return base
+    return str(claim_dir(base))
+
+
 def _run_dir(ckpt_path: Any, outputs_root: Any, base: str) -> str:
     """A resume writes into the folder of the run it continues (its train.log, result.json and curves go on
     there); any other run claims a new folder."""
     folder = resumed_folder(ckpt_path, outputs_root)
-    return str(folder) if folder is not None else claimed("run", str(base))
+    return str(folder) if folder is not None else _claim(str(base))
+
+
+def _job_dir(sweep_dir: str, num: Any, overrides: Sequence[str]) -> str:
+    return Path(claim_job_dir(str(sweep_dir), num, [str(o) for o in overrides or []])).name
 
 
 def _hydra_subdir(output_dir: str) -> str | None:
@@ -400,26 +351,21 @@ def _hydra_subdir(output_dir: str) -> str | None:
     return None if holds_a_run(output_dir) else ".hydra"
 
 
-def _unique_dir(base: str, kind: str = "run") -> str:
-    return claimed(kind, str(base))
-
-
-def _job_dir(sweep_dir: str, num: Any, *, _root_: DictConfig) -> str:
-    overrides = list(OmegaConf.select(_root_, "hydra.overrides.task", default=[]) or [])
-    return Path(claim_job_dir(sweep_dir, num, overrides)).name
-
-
 def register_resolvers() -> None:
-    """``${charlstm.unique_dir:BASE[,sweep]}``, ``${charlstm.job_dir:SWEEP_DIR,NUM}``,
-    ``${charlstm.run_dir:CKPT_PATH,OUTPUTS_ROOT,BASE}`` and ``${charlstm.hydra_subdir:OUTPUT_DIR}`` (configs/hydra)."""
-    if not OmegaConf.has_resolver("charlstm.unique_dir"):
-        OmegaConf.register_new_resolver("charlstm.unique_dir", _unique_dir)
-    if not OmegaConf.has_resolver("charlstm.job_dir"):
-        OmegaConf.register_new_resolver("charlstm.job_dir", _job_dir)
-    if not OmegaConf.has_resolver("charlstm.run_dir"):
-        OmegaConf.register_new_resolver("charlstm.run_dir", _run_dir)
-    if not OmegaConf.has_resolver("charlstm.hydra_subdir"):
-        OmegaConf.register_new_resolver("charlstm.hydra_subdir", _hydra_subdir)
+    """``${charlstm.unique_dir:BASE}``, ``${charlstm.job_dir:SWEEP_DIR,NUM,OVERRIDES}``,
+    ``${charlstm.run_dir:CKPT_PATH,OUTPUTS_ROOT,BASE}`` and ``${charlstm.hydra_subdir:OUTPUT_DIR}`` (configs/hydra).
+
+    The folder resolvers keep what they return in the config's resolver cache (``use_cache``, as Hydra's own
+    ``now``): reading the setting again gives the same folder, and Hydra copies the cache into every job's config
+    of a multirun (``load_sweep_config``), so the jobs share the one sweep folder claimed."""
+    for name, resolver, cached in (
+        ("charlstm.unique_dir", _claim, True),
+        ("charlstm.job_dir", _job_dir, True),
+        ("charlstm.run_dir", _run_dir, True),
+        ("charlstm.hydra_subdir", _hydra_subdir, False),
+    ):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver, use_cache=cached)
 
 
 def _discard_all_but(used: str) -> None:
@@ -444,10 +390,10 @@ class RunDirs(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ.pop(FIXED_ENV, None)
-        release()
+        _made.clear()
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        release()
+        _made.clear()  # used: a later command in this process that fails leaves them alone
 
 
 # Registered on import: Hydra imports this module to build the callback above, also in a launcher's worker process

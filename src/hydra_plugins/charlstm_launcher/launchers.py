@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,12 @@ def last_outcome_line(log: Path) -> str | None:
     return (ours or lines or [None])[-1]
 
 
+def quoted(value: str) -> str:
+    """``value`` as a quoted Hydra override value (a folder name holds ``=`` and ``,``): in quotes, Hydra reads a
+    backslash as an escape only in a run of them before a quote or the end."""
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\" + m[2] if m[2] else ""), value) + "'"
+
+
 class _Requeueable:
     """Mixed into the plugin's launchers: the object submitit pickles, calls in the job and asks to checkpoint."""
 
@@ -56,14 +63,13 @@ class _Requeueable:
         super().setup(**kwargs)  # type: ignore[misc]
 
     def __call__(
-        self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str, state: Any, claim: dict[str, Any]
+        self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str, state: Any
     ) -> JobReturn:
-        """One task of the job (one per device): its Hydra job in the folder claimed for it when it was submitted,
-        told whether it was requeued and which rank it is."""
+        """One task of the job (one per device): its Hydra job in the folder claimed for it when it was submitted
+        (named in its overrides), told whether it was requeued and which rank it is."""
         import submitit
 
         quiet_schema_note()  # the job composes its config again
-        rundir.adopt(claim)
         if self.requeues:
             os.environ[REQUEUE_ENV] = str(self.requeues)
         task = submitit.JobEnvironment()
@@ -111,14 +117,15 @@ class _Requeueable:
         for num, overrides in numbered:
             submitit_launcher.log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
         state = Singleton.get_state()
-        # Each job's folder is claimed here, once, and travels with the job: every task of it and every start of it
-        # after a requeue runs in that folder (a job claiming its own would take a new `-N` folder each start).
-        claims, named = [], str(self.config.hydra.sweep.dir)  # as the job reads it, unnormalized
+        # Each job's folder is claimed here, once, and travels with the job as Hydra overrides: every task of it and
+        # every start of it after a requeue runs in that folder (a job claiming its own would take a new `-N` folder
+        # each start).
+        named = str(self.config.hydra.sweep.dir)  # as the job reads it, unnormalized
+        args = []
         for num, overrides in numbered:
-            rundir.claim_job_dir(named, num, overrides)
-            claims.append(rundir.hand_off(rundir.job_key(named, num)))
-        args = [(overrides, "hydra.sweep.dir", num, f"job_id_for_{num}", state, claim)
-                for (num, overrides), claim in zip(numbered, claims, strict=True)]  # fmt: skip
+            folder = rundir.claim_job_dir(named, num, overrides)
+            fixed = [f"hydra.sweep.dir={quoted(named)}", f"hydra.sweep.subdir={quoted(Path(folder).name)}"]
+            args.append(([*overrides, *fixed], "hydra.sweep.dir", num, f"job_id_for_{num}", state))
         jobs = executor.map_array(self, *zip(*args, strict=True))
 
         results, failed = [], []
