@@ -368,10 +368,12 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, resolver, use_cache=cached)
 
 
-def _discard_all_but(used: str) -> None:
-    """Remove the folders claimed while the config was composed that the command does not use: merging a config
-    over a default folder (``hparams_search=lstm`` sets its own sweep folder) resolves the default one too."""
-    others = [f for f in _made if f.resolve() != Path(used).resolve()]
+def _discard_all_but(used: str, inside: bool = False) -> None:
+    """Remove the folders claimed while a config was composed that the command does not use: merging a config over
+    a default folder (``hparams_search=lstm`` sets its own sweep folder) resolves the default one too, and a sweep
+    composes each job's config again. ``inside``: the folders within ``used`` (a sweep's jobs) are kept too."""
+    used_dir = Path(used).resolve()
+    others = [f for f in _made if f.resolve() != used_dir and not (inside and used_dir in f.resolve().parents)]
     if others:
         discard_unused(*others)
 
@@ -390,6 +392,7 @@ class RunDirs(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ.pop(FIXED_ENV, None)
+        _discard_all_but(config.hydra.sweep.dir, inside=True)
         _made.clear()
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
