@@ -17,7 +17,7 @@ from charlstm.app.cli import split_by_shell
 from charlstm.core.errors import ConfigError
 from charlstm.training.datamodule import fixed_vocab
 from tests.cli import SHRINK, cli_env, into_closed_pipe, one_line_error, run_cli
-from tests.conftest import compose_cfg
+from tests.conftest import TUTORIAL_SHAPE, compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def test_ctrl_c_after_the_command_ended_exits_130_without_exception_ignored(tmp_
 
 @pytest.mark.parametrize("after", [0.2, 1.0, 2.0])
 def test_ctrl_c_at_a_moment_of_a_training_command_exits_130_with_at_most_one_line(tmp_path, after):
-    args = [*SHRINK, "~experiment", "trainer.max_epochs=50", "callbacks.rich_progress_bar=null",
+    args = [*SHRINK, "~experiment", *TUTORIAL_SHAPE, "trainer.max_epochs=50", "callbacks.rich_progress_bar=null",
             f"paths.outputs_root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
@@ -201,7 +201,8 @@ def test_eval_batch_size_beyond_the_memory_is_one_line(tmp_path, tiny_run):
 
 
 def test_a_training_batch_beyond_the_memory_is_one_line_and_leaves_no_run_folder(tmp_path, data_dir):
-    args = [*SHRINK, "~experiment", "data.max_chars=200000", "data.batch_size=100000", "trainer.max_steps=1",
+    args = [*SHRINK, "~experiment", *TUTORIAL_SHAPE,
+            "data.max_chars=200000", "data.batch_size=100000", "trainer.max_steps=1",
             f"paths.data_dir={data_dir}", f"paths.outputs_root={tmp_path / 'outputs'}"]  # fmt: skip
     done = run_under_memory_limit(tmp_path, "train.py", *args, headroom=2**28)
     line = one_line_error(done)

@@ -25,7 +25,7 @@ from charlstm.app.train import train
 from charlstm.core import checkpoint
 from charlstm.core.errors import DivergenceError
 from tests.cli import ROOT, SHRINK, cli_env, ok, one_line_error, run_cli
-from tests.conftest import compose_cfg
+from tests.conftest import TUTORIAL_SHAPE, compose_cfg
 from tests.test_interrupt import add_callback
 
 RUN = [*SHRINK, "trainer.max_steps=3", "sample.length=0", "trainer.enable_model_summary=false"]
@@ -187,7 +187,8 @@ class BlowUp(pl.Callback):
 
 
 def tiny_cfg(tmp_path: Path, data_dir: Path, *overrides: str):
-    cfg = compose_cfg("train", [*SHRINK, "~experiment", "trainer.max_steps=20", "sample.length=0", *overrides,
+    cfg = compose_cfg("train", [*SHRINK, "~experiment", *TUTORIAL_SHAPE,
+                                "trainer.max_steps=20", "sample.length=0", *overrides,
                                 "callbacks.text_sample=null", "trainer.enable_progress_bar=false"])  # fmt: skip
     with open_dict(cfg):
         cfg.paths.output_dir, cfg.paths.outputs_root, cfg.paths.data_dir = (

@@ -16,6 +16,7 @@ from charlstm.app.train import train
 from charlstm.core import finetune
 from charlstm.core.net import CharLSTM
 from tests.cli import SHRINK, ok, one_line_error, run_cli
+from tests.conftest import TUTORIAL_SHAPE
 from tests.test_tensorboard import session_hparams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,8 @@ def test_onehot_input_gets_a_column_per_new_char():
 
 
 # -- runs ---------------------------------------------------------------------------------------------------------
-BASE = ["~experiment", "data.max_chars=4000", "data.lowercase=false", "model.encoding=embedding", "model.units=16",
+BASE = ["~experiment", *TUTORIAL_SHAPE,
+        "data.max_chars=4000", "data.lowercase=false", "model.encoding=embedding", "model.units=16",
         "model.embed_dim=8", "data.val_max_windows=64", "trainer.max_epochs=1", "trainer.enable_model_summary=false",
         "callbacks.rich_progress_bar=null", "sample.length=0"]  # fmt: skip
 

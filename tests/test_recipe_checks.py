@@ -17,7 +17,7 @@ from tests.cli import cli_env, one_line_error
 from tests.conftest import CONFIG_DIR, ROOT
 
 RECIPES = {
-    # a copy of configs/experiment/default.yaml with `model:` misspelt
+    # a recipe with `model:` misspelt
     "key": ("mine", "# @package _global_\ndefaults:\n  - plays\nmodle:\n  dropout: 0.1\n"),
     "defaults": ("mine", "# @package _global_\ndefaults:\n  - plais\nmodel:\n  dropout: 0.1\n"),
 }

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.cli import ROOT, SHRINK, cli_env, ok, one_line_error, run_cli, run_folders
+from tests.conftest import TUTORIAL_SHAPE
 
 FIRST, MORE = "trainer.max_steps=4", "trainer.max_steps=8"
 QUIET = ("sample.length=0", "callbacks.text_sample=null")
@@ -38,7 +39,7 @@ def headers(run: Path) -> list[str]:
         ("charrnn", ["experiment=charrnn", *SHRINK]),  # streams
         ("plays", ["experiment=plays", "trainer.max_epochs=3", *SHRINK]),  # streams over the other plays too
         ("default", ["data=shakespeare", "data.max_chars=30000", *SHRINK]),  # the default recipe on every play
-        ("none", ["~experiment", "data.layout=streams", *SHRINK]),  # no recipe: the plain groups
+        ("none", ["~experiment", *TUTORIAL_SHAPE, "data.layout=streams", *SHRINK]),  # no recipe: the plain groups
     ],
 )
 def test_the_runs_own_command_with_ckpt_path_goes_on_in_its_folder(tmp_path, data_dir, recipe, args):
@@ -106,7 +107,7 @@ def test_a_moved_corpus_is_accepted_when_it_holds_the_same_text(tmp_path, data_d
     first.mkdir(), moved.mkdir()
     text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300))
     (first / "my.txt").write_text(text, encoding="utf-8")
-    args = ["~experiment", "data=file", "data.path=my.txt", *SHRINK, "paths.outputs_root=../outputs"]
+    args = ["~experiment", *TUTORIAL_SHAPE, "data=file", "data.path=my.txt", *SHRINK, "paths.outputs_root=../outputs"]
     ok(train(first, data_dir, *args, FIRST))
     (run,) = run_folders(tmp_path / "outputs")
     last = run / "checkpoints" / "last.ckpt"
@@ -142,7 +143,7 @@ def holder(lock: Path) -> str:
 
 
 def test_a_run_being_trained_is_not_trained_into_by_a_second_process(tmp_path, data_dir):
-    args = ["~experiment", *SHRINK, "callbacks.early_stopping=null"]
+    args = ["~experiment", *TUTORIAL_SHAPE, *SHRINK, "callbacks.early_stopping=null"]
     ok(train(tmp_path, data_dir, *args, FIRST))
     (run,) = run_folders(tmp_path / "outputs")
     last = run / "checkpoints" / "last.ckpt"
@@ -183,7 +184,7 @@ def test_a_run_being_trained_is_not_trained_into_by_a_second_process(tmp_path, d
     ids=["invalid", "empty", "foreign"],
 )
 def test_a_damaged_config_yaml_is_one_line_naming_it_for_resume_and_eval(tmp_path, data_dir, damage, why):
-    ok(train(tmp_path, data_dir, "~experiment", *SHRINK, FIRST, "paths.outputs_root=outputs"))
+    ok(train(tmp_path, data_dir, "~experiment", *TUTORIAL_SHAPE, *SHRINK, FIRST, "paths.outputs_root=outputs"))
     (run,) = run_folders(tmp_path / "outputs")
     (run / "config.yaml").write_text(damage, encoding="utf-8")
     last = run / "checkpoints" / "last.ckpt"

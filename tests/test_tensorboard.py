@@ -24,7 +24,7 @@ from charlstm.app.train import train
 from charlstm.training.callbacks import LEADING_HPARAMS, ConfigHParams, LearningRate, flatten_config
 from charlstm.training.progress import ValidationLog
 from tests import forkserver
-from tests.conftest import ROOT, TINY, compose_cfg
+from tests.conftest import ROOT, SMALL, TINY, compose_cfg
 
 QUIET = ["callbacks.text_sample=null", "trainer.enable_progress_bar=false", "sample.length=0"]
 
@@ -225,7 +225,7 @@ def test_without_a_config_the_models_hyperparameters_are_used():
 
 @pytest.mark.slow
 def test_every_sweep_job_has_its_config_and_experiment_in_hparams(tmp_path, data_dir):
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=seed", *TINY[1:], *QUIET, "model.units=8,12",
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=seed", *SMALL, *QUIET, "model.units=8,12",
            "data.seq_len=20", "trainer.max_steps=30", "trainer.val_check_interval=10", f"paths.outputs_root={tmp_path}",
            f"paths.data_dir={data_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
     proc = forkserver.run(cmd, ROOT, timeout=300)

@@ -11,14 +11,15 @@ from omegaconf import OmegaConf
 from charlstm.app.train import train
 from charlstm.core.checkpoint import load
 from charlstm.training.model import CharLSTMModule
-from tests.conftest import CONFIG_DIR, compose_cfg
+from tests.conftest import CONFIG_DIR, TUTORIAL_SHAPE, compose_cfg
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     cfg = compose_cfg("train", [
-        "~experiment", "data.max_chars=4000", "data.batch_size=32", "data.val_max_windows=256", "model.units=16",
+        "~experiment", *TUTORIAL_SHAPE,
+        "data.max_chars=4000", "data.batch_size=32", "data.val_max_windows=256", "model.units=16",
         "trainer.max_epochs=2", "trainer.enable_model_summary=false", "callbacks.rich_progress_bar=null",
         f"paths.output_dir={tmp / 'out'}", f"paths.data_dir={tmp / 'data'}", f"paths.outputs_root={tmp}",
     ])  # fmt: skip
@@ -70,7 +71,9 @@ def _group_options(group: str) -> list[str]:
 @pytest.mark.parametrize("option", _group_options("data"))
 def test_every_data_config_instantiates(option, tmp_path, text_file):
     path = text_file("Double, double toil and trouble;\nFire burn and cauldron bubble.\n" * 10)
-    cfg = compose_cfg("train", ["~experiment", f"data={option}", f"data.path={path}", f"paths.data_dir={tmp_path}"])
+    cfg = compose_cfg(
+        "train", ["~experiment", *TUTORIAL_SHAPE, f"data={option}", f"data.path={path}", f"paths.data_dir={tmp_path}"]
+    )
     dm = instantiate(cfg.data)
     assert dm.seq_len == cfg.data.seq_len
     if option != "shakespeare":  # all plays: 5 MB, converted elsewhere
