@@ -140,11 +140,11 @@ def test_a_value_of_the_wrong_type_for_a_typed_config_names_the_key_and_the_valu
 
 def test_an_unknown_choice_names_the_choices():
     assert error_of("eval", ["data=fil"], MissingConfigException) == (
-        "data=fil is not a known choice; did you mean file? choices: file, macbeth, shakespeare "
-        "(files in configs/data/)"
+        "data=fil is not a known choice; did you mean file? choices: file, macbeth, macbeth_plays, "
+        "shakespeare (files in configs/data/)"
     )
     assert error_of("train", ["experiment=plais"], MissingConfigException).startswith(
-        "experiment=plais is not a known choice; did you mean plays? choices: charrnn, default, plays, seed"
+        "experiment=plais is not a known choice; did you mean plays? choices: charrnn, default, finetune, plays, seed"
     )
 
 
@@ -158,7 +158,7 @@ def test_a_choice_named_by_a_config_files_defaults_list_names_that_file(tmp_path
     assert defaults_list_owner(info.value) == "experiment/mine"
     assert hydra_error_line(info.value, CONFIG_DIR, "train", args).startswith(
         f"{tmp_path / 'experiment' / 'mine.yaml'}: its defaults list names plais, which is not a config in "
-        "experiment/; did you mean plays? choices: charrnn, default, mine, plays, seed"
+        "experiment/; did you mean plays? choices: charrnn, default, finetune, mine, plays, seed"
     )
 
 

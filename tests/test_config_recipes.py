@@ -36,6 +36,11 @@ CHARRNN = {
     "trainer.val_check_interval": None, "callbacks.early_stopping.patience": 8,
 }  # fmt: skip
 PLAYS = {**CHARRNN, "data.extra_plays": "auto", "trainer.max_epochs": 1, "trainer.val_check_interval": 100}
+# a small text of the user's, from the shipped base model, with dropout, for 90 s
+FINETUNE = {
+    **DEFAULT, "init_from": "base", "data.source": "file", "data.path": "x.txt", "data.lowercase": False,
+    "model.dropout": 0.2, "trainer.max_time": "00:00:01:30",
+}  # fmt: skip
 
 
 def values(overrides: list[str], keys: dict) -> dict:
@@ -50,7 +55,8 @@ def values(overrides: list[str], keys: dict) -> dict:
      (["data=file", "data.path=x.txt"], {**DEFAULT, "data.source": "file", "data.path": "x.txt"}),
      (["experiment=seed", "data=file", "data.path=x.txt"], {**SEED, "data.source": "file", "data.path": "x.txt"}),
      (["data=shakespeare"], {**DEFAULT, "data.play": "all"}),
-     (["data=macbeth"], {**DEFAULT, "data.extra_plays": None, "data.main_repeat": 1})],
+     (["data=macbeth"], {**DEFAULT, "data.extra_plays": None, "data.main_repeat": 1}),
+     (["experiment=finetune", "data.path=x.txt"], FINETUNE)],
 )  # fmt: skip
 def test_a_recipe_resolves_to_its_known_values(overrides, expected):
     assert values(overrides, expected) == expected

@@ -30,6 +30,18 @@ VARIANTS = {
 }
 SHRINK = ["data.max_chars=2500", "model.units=8", "model.embed_dim=8", "data.val_max_windows=64",
           "sample.length=10", "trainer.enable_model_summary=false"]  # fmt: skip
+# experiment=finetune starts from the shipped base model (its shape: no model.units / embed_dim shrinking) and
+# trains on the user's own file (data=file: a play is not one of its corpora)
+BASE_SHAPE = ("model.units=", "model.embed_dim=")
+
+
+def shrink(experiment: str, files: dict[str, Path] | None = None) -> list[str]:
+    if experiment != "finetune":
+        return SHRINK
+    own = [f"data.path={files['ascii']}"] if files else []
+    return [*[a for a in SHRINK if not a.startswith(BASE_SHAPE)], *own]
+
+
 ASCII = "def add(a, b):\n    return a + b  # sum\n\nprint(add(2, 3))\n" * 80
 CJK = "春眠不觉晓，处处闻啼鸟。\r\n夜来风雨声，花落知多少。\r\n床前明月光，疑是地上霜。\r\n" * 60
 
@@ -75,8 +87,9 @@ def corpus_args(corpus: str, files: dict[str, Path]) -> list[str]:
 
 @pytest.mark.parametrize(("experiment", "corpus", "end", "variant"), SAMPLE)
 def test_recipe_corpus_length_switch(experiment, corpus, end, variant, corpus_files, tmp_path, data_dir, capsys):
-    overrides = [f"experiment={experiment}", *corpus_args(corpus, corpus_files), *SHRINK, *ENDS[end],
-                 *VARIANTS[variant]]  # fmt: skip
+    own = corpus_files if corpus == "play" else None
+    overrides = [f"experiment={experiment}", *corpus_args(corpus, corpus_files), *shrink(experiment, own),
+                 *ENDS[end], *VARIANTS[variant]]  # fmt: skip
     status = run_cli_in_process(overrides, tmp_path, data_dir, capsys)
     assert status == 0, overrides
     if variant not in ("no-checkpoints",):
@@ -86,8 +99,8 @@ def test_recipe_corpus_length_switch(experiment, corpus, end, variant, corpus_fi
 
 
 @pytest.mark.parametrize(("experiment", "debug"), list(itertools.product(EXPERIMENTS, DEBUGS)))
-def test_every_debug_preset_with_every_recipe(experiment, debug, tmp_path, data_dir, capsys):
-    overrides = [f"experiment={experiment}", f"debug={debug}", *SHRINK, "trainer.max_steps=4"]
+def test_every_debug_preset_with_every_recipe(experiment, debug, tmp_path, data_dir, capsys, corpus_files):
+    overrides = [f"experiment={experiment}", f"debug={debug}", *shrink(experiment, corpus_files), "trainer.max_steps=4"]
     assert run_cli_in_process(overrides, tmp_path, data_dir, capsys) == 0
 
 

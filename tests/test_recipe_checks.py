@@ -57,7 +57,7 @@ def test_a_typo_in_a_recipes_defaults_list_names_the_recipe_and_the_closest_choi
     line = one_line_error(refused["defaults"])
     recipe = refused["tmp"] / "defaults" / "experiment" / "mine.yaml"
     assert line.startswith(f"error: {recipe}: its defaults list names plais, which is not a config in experiment/; "
-                           "did you mean plays? choices: charrnn, default, mine, plays, seed")  # fmt: skip
+                           "did you mean plays? choices: charrnn, default, finetune, mine, plays, seed")  # fmt: skip
 
 
 @pytest.mark.slow
