@@ -99,7 +99,7 @@ def prepare(command: str, cwd: Path, n: int) -> tuple[str, list[str]] | None:
         step = torch.load(ckpt, weights_only=True, map_location="cpu")["global_step"]
         return script, [*args, f"trainer.max_steps={step + 3}", "trainer.max_epochs=-1", "sample.length=0"]
     extra = [*TRAIN_SHRINK, "trainer.max_steps=4"]
-    if any(a.startswith("init_from=") for a in args):  # a run from the base model has its shape: not shrunk
+    if any(a.startswith("init_from=") or a == "experiment=finetune" for a in args):  # from the base model: its shape
         extra = [a for a in extra if not a.startswith(("model.units=", "model.embed_dim="))]
     if "-m" in args:
         extra.append(f"hydra.sweep.dir={cwd / 'sweeps' / str(n)}")
