@@ -4,12 +4,14 @@ errors as one line, and the heavy imports made only once the config is composed 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import difflib
 import gc
 import importlib
 import os
 import re
 import shlex
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -319,9 +321,30 @@ def split_by_shell(args: Sequence[str]) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _ctrl_c_held() -> Any:
+    """Ctrl-C while torch and Lightning load is held until they have loaded, then raised. Raised inside their
+    start-up, it is lost (torch's C++ start-up imports numpy and takes a failed import for "no numpy") or ends the
+    process with SIGABRT and a C++ message (a KeyboardInterrupt thrown through pybind11)."""
+    pressed: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:  # a background job started with Ctrl-C ignored
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
 def _task(task: str) -> Any:
     module_name, _, function = task.partition(":")
-    return getattr(importlib.import_module(module_name), function or "run")
+    with _ctrl_c_held():
+        module = importlib.import_module(module_name)
+    return getattr(module, function or "run")
 
 
 def quiet_schema_note() -> None:
