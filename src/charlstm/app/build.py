@@ -17,8 +17,8 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Checkpoint, LearningRateMonitor, ProgressBar
 
 from charlstm.app import cluster
+from charlstm.app.hydrajob import command_line_keys
 from charlstm.app.reliability import AtomicCheckpointIO, LastCheckpoint, ensure_last_checkpoint
-from charlstm.app.rundir import command_line_keys
 from charlstm.core.errors import CharLSTMError
 from charlstm.core.hardware import check_fits
 from charlstm.core.net import sequence_bytes

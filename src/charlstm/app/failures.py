@@ -26,14 +26,18 @@ def reached(err: CharLSTMError, run: TrainingRun) -> CharLSTMError:
     return err
 
 
+def _saved(last: LastCheckpoint, what: str, none: str) -> str:
+    """Where the run's last checkpoint is and the command that resumes it, or ``none``."""
+    if last.last_saved_step is None:
+        return none
+    return f"{what} {last.path} (step {last.last_saved_step}); resume with: " \
+           f"{command_line('train.py', f'ckpt_path={last.path}')}"  # fmt: skip
+
+
 def interrupted_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpoint) -> TrainingInterrupted:
     """The line for a stop that happened outside the save-and-stop path (before training, or a 2nd Ctrl-C)."""
     signum = signal.SIGTERM if isinstance(exc, SIGTERMException) else signal.SIGINT
-    if last.last_saved_step is not None:
-        saved = f"the newest checkpoint is {last.path} (step {last.last_saved_step}); resume with: " \
-                f"{command_line('train.py', f'ckpt_path={last.path}')}"  # fmt: skip
-    else:
-        saved = "no checkpoint was written by this run"
+    saved = _saved(last, "the newest checkpoint is", "no checkpoint was written by this run")
     return TrainingInterrupted(
         f"{signal.Signals(signum).name} at step {trainer.global_step}: stopped without saving; {saved}", signum
     )
@@ -43,11 +47,7 @@ def failed_error(exc: BaseException, trainer: pl.Trainer, last: LastCheckpoint, 
     """The one line for an unexpected exception during training; the traceback goes to train.log."""
     log.error("training failed at step %d", trainer.global_step, exc_info=exc, extra={"file_only": True})
     what = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
-    if last.last_saved_step is not None:
-        saved = f"the last good state is {last.path} (step {last.last_saved_step}); resume with: " \
-                f"{command_line('train.py', f'ckpt_path={last.path}')}"  # fmt: skip
-    else:
-        saved = "no checkpoint was written"
+    saved = _saved(last, "the last good state is", "no checkpoint was written")
     logfile = out / "train.log"
     where = f" (traceback in {logfile})" if logfile.is_file() else ""
     return TrainingFailed(f"training stopped at step {trainer.global_step} by {what}; {saved}{where}")

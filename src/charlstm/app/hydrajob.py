@@ -7,6 +7,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 
 from charlstm.app.jobranks import multirun_job
+from charlstm.app.rundir import override_key, swept_overrides
 
 
 def hydra_overrides() -> list[str] | None:
@@ -14,6 +15,11 @@ def hydra_overrides() -> list[str] | None:
     if not HydraConfig.initialized():
         return None
     return list(HydraConfig.get().overrides.task)
+
+
+def command_line_keys() -> list[str]:
+    """The config keys this Hydra job's command line sets, a sweep job's swept keys only; empty outside Hydra."""
+    return [override_key(o) for o in swept_overrides(hydra_overrides() or [])]
 
 
 def hydra_run_dir() -> Path | None:

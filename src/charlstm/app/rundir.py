@@ -402,16 +402,3 @@ class RunDirs(Callback):
 # Registered on import: Hydra imports this module to build the callback above, also in a launcher's worker process
 # (submitit), before any folder is resolved there.
 register_resolvers()
-
-
-def command_line_keys() -> list[str]:
-    """The config keys this Hydra job's command line sets, a sweep job's swept keys only; empty outside Hydra."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if not HydraConfig.initialized():
-            return []
-        overrides = list(HydraConfig.get().overrides.task)
-    except (ImportError, ValueError):
-        return []
-    return [override_key(o) for o in swept_overrides(overrides)]

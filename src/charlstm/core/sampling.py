@@ -185,6 +185,17 @@ class Generator:
         logits, _ = self.net(self._encode(history[-self.seq_len :].t()), None, last_only=True)
         return logits
 
+    @contextlib.contextmanager
+    def _generating(self) -> Iterator[None]:
+        """The network in eval mode without autograd (and, on a CPU, without oneDNN), as it was afterwards."""
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            with torch.inference_mode(), _native_lstm(self.device):
+                yield
+        finally:
+            self.net.train(was_training)
+
     def _run(
         self, prompt_ids: torch.Tensor, length: int, batch: int, mode: str, pick: Callable,
         gen: torch.Generator, on_ids: Callable[[torch.Tensor], None] | None = None,
@@ -272,13 +283,8 @@ class Generator:
             def on_ids(row: torch.Tensor) -> None:
                 on_chars([chars[i] for i in row.tolist()])
 
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            with torch.inference_mode(), _native_lstm(self.device):
-                out = self._run(prompt_ids, length, num_samples, mode, pick, gen, on_ids)
-        finally:
-            self.net.train(was_training)
+        with self._generating():
+            out = self._run(prompt_ids, length, num_samples, mode, pick, gen, on_ids)
         return ["".join(chars[i] for i in row) for row in out.t().tolist()]
 
     def distributions(self, prompt: str, continuation: str, mode: str = "stateful") -> torch.Tensor:
@@ -289,13 +295,8 @@ class Generator:
         if len(prompt_ids) == 0:
             raise ConfigError("distributions need a non-empty prompt")
         forced = _Forced(self._ids(self.clean_prompt(continuation)).cpu())
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            with torch.inference_mode(), _native_lstm(self.device):
-                self._run(prompt_ids, len(continuation) + 1, 1, mode, forced, self._seeded(0))
-        finally:
-            self.net.train(was_training)
+        with self._generating():
+            self._run(prompt_ids, len(continuation) + 1, 1, mode, forced, self._seeded(0))
         return torch.stack(forced.probs).cpu()
 
 
