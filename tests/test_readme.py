@@ -1,9 +1,14 @@
-"""Every command the README shows, run as written (shrunk to tiny sizes and a few steps): each exits 0, or fails
-in exactly the one line the README promises. A command added to the README without a rule here fails the test,
-so the README cannot promise what nobody ran."""
+"""Every command the README and the pages under docs/ show in their code blocks, run as written (shrunk to tiny sizes
+and a few steps): each exits 0, or fails in exactly the one line the page promises. A command added without a rule
+here fails the test, so no page can promise what nobody ran.
+
+`python benchmarks/X.py ...` lines take minutes by design: their arguments are parsed by the script's own argument
+parser (an unknown or misspelt option fails), and the script is not run further."""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import re
 import shlex
 import shutil
@@ -18,7 +23,13 @@ from tests.cli import ROOT, ok, one_line_error, run_cli
 pytestmark = pytest.mark.slow
 
 README = ROOT / "README.md"
-_COMMAND = re.compile(r"^((?:python (?:train|generate|eval)\.py|make [a-z]+)(?:\s.*?)?)\s*(?:#\s.*)?$")
+# the pages whose code blocks are run: the README, every page of docs/ and the base model's README
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "src" / "charlstm" / "pretrained" / "README.md"]
+_COMMAND = re.compile(
+    r"^((?:python (?:train|generate|eval|benchmarks/[a-z_]+)\.py|make [a-z]+|tensorboard)(?:\s.*?)?)\s*(?:#\s.*)?$"
+)
+# commands the test leaves out, and why
+NOT_RUN = {"tensorboard": "starts a server"}
 
 # `make` targets: what each runs, or why the test leaves it out
 MAKE = {
@@ -56,10 +67,10 @@ FILES = {
 }
 
 
-def readme_commands() -> list[str]:
-    """The runnable commands of the README's code blocks, in order, comments stripped."""
+def page_commands(page: Path) -> list[str]:
+    """The runnable commands of a page's code blocks, in order, comments stripped."""
     found, in_block = [], False
-    for line in README.read_text(encoding="utf-8").splitlines():
+    for line in page.read_text(encoding="utf-8").splitlines():
         if line.lstrip().startswith("```"):
             in_block = not in_block
             continue
@@ -67,6 +78,43 @@ def readme_commands() -> list[str]:
         if m:
             found.append(m.group(1).strip())
     return found
+
+
+def readme_commands() -> list[str]:
+    """The commands of every page, in order, each once."""
+    return list(dict.fromkeys(c for page in PAGES for c in page_commands(page)))
+
+
+def is_run_checkpoint(arg: str) -> bool:
+    """`ckpt=outputs/…/checkpoints/last.ckpt` or a dated example path: stands for a real run's checkpoint."""
+    value = arg.partition("=")[2]
+    return "ELLIPSIS" in arg or (value.startswith("outputs/") and value.endswith(".ckpt"))
+
+
+def parse_benchmark_args(script: str, args: list[str]) -> None:
+    """Run the benchmark's main() only as far as its argument parser: the parsed arguments end it."""
+
+    class Parsed(Exception):
+        pass
+
+    original, parsed = argparse.ArgumentParser.parse_args, []
+
+    def parse_only(self, _args=None, namespace=None):
+        parsed.append(original(self, args, namespace))  # exits 2 on an unknown option or a bad value
+        raise Parsed
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(ROOT / "benchmarks"))  # the scripts import their shared benchlib
+        spec = importlib.util.spec_from_file_location(f"bench_{Path(script).stem}", ROOT / script)
+        assert spec and spec.loader, script
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        mp.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+        with pytest.raises(Parsed):
+            module.main()
+    only = getattr(parsed[0], "only", None)
+    if only and hasattr(module, "SECTIONS"):  # `--only NAME` names sections the script has
+        assert set(only.split(",")) <= set(module.SECTIONS), (script, only, module.SECTIONS)
 
 
 def newest_last(cwd: Path) -> Path:
@@ -83,10 +131,14 @@ def prepare(command: str, cwd: Path, n: int) -> tuple[str, list[str]] | None:
             return None
         assert target in MAKE, f"README shows `{command}`: add the target to MAKE or MAKE_NOT_RUN in this test"
         command = f"{MAKE[target]} {rest}".strip()
+    if command.split()[0] in NOT_RUN:
+        return None
     words = shlex.split(command.replace("…", "ELLIPSIS"))
     script, args = words[1], words[2:]
+    if script.startswith("benchmarks/"):
+        return script, args
     # `outputs/…/checkpoints/last.ckpt` stands for a real run's checkpoint
-    args = [f"{a.split('=', 1)[0]}={newest_last(cwd)}" if "ELLIPSIS" in a else a for a in args]
+    args = [f"{a.split('=', 1)[0]}={newest_last(cwd)}" if is_run_checkpoint(a) else a for a in args]
     if script == "generate.py":
         return script, [*args, "length=20"]
     if script == "eval.py":  # a corpus named on the command line is scored on its first chars only
@@ -130,8 +182,8 @@ def make_target(command: str) -> str | None:
     return command[5:].partition(" ")[0] if command.startswith("make ") else None
 
 
-# the commands this test runs: all of them but the `make` targets it leaves out, each for its stated reason
-COMMANDS = [c for c in readme_commands() if make_target(c) not in MAKE_NOT_RUN]
+# the commands this test runs: all of them but those it leaves out, each for its stated reason
+COMMANDS = [c for c in readme_commands() if make_target(c) not in MAKE_NOT_RUN and c.split()[0] not in NOT_RUN]
 
 
 def test_every_make_target_the_readme_shows_is_run_or_left_out_for_a_reason():
@@ -149,6 +201,9 @@ def test_every_readme_command_runs_or_fails_as_promised(n, first_run, tmp_path):
     todo = prepare(command, cwd, n)
     assert todo is not None, command
     script, args = todo
+    if script.startswith("benchmarks/"):
+        parse_benchmark_args(script, args)
+        return
     if any(re.search(p, command) for p in COMPOSE_ONLY):
         ok(run_cli("tests/dry_submit.py", *args, cwd=cwd))
         return
