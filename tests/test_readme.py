@@ -26,7 +26,7 @@ README = ROOT / "README.md"
 # the pages whose code blocks are run: the README, every page of docs/ and the base model's README
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "src" / "charlstm" / "pretrained" / "README.md"]
 _COMMAND = re.compile(
-    r"^((?:python (?:train|generate|eval|benchmarks/[a-z_]+)\.py|make [a-z]+|tensorboard)(?:\s.*?)?)\s*(?:#\s.*)?$"
+    r"^((?:python (?:train|generate|eval|benchmarks/[a-z0-9_]+)\.py|make [a-z]+|tensorboard)(?:\s.*?)?)\s*(?:#\s.*)?$"
 )
 # commands the test leaves out, and why
 NOT_RUN = {"tensorboard": "starts a server"}
@@ -48,6 +48,7 @@ MAKE_NOT_RUN = {
     "help": "only lists targets",
     "search": "the Optuna search has its own tests",
     "eval": "runs python eval.py ckpt=last, shown and run below",
+    "docs": "rewrites docs/configuration.md, which tests/test_config_reference.py compares with the configs",
 }
 # (pattern in the command, expected one error line) where the README promises a refusal on this machine
 NO_GPU = not torch.cuda.is_available()
@@ -151,7 +152,7 @@ def prepare(command: str, cwd: Path, n: int) -> tuple[str, list[str]] | None:
         step = torch.load(ckpt, weights_only=True, map_location="cpu")["global_step"]
         return script, [*args, f"trainer.max_steps={step + 3}", "trainer.max_epochs=-1", "sample.length=0"]
     extra = [*TRAIN_SHRINK, "trainer.max_steps=4"]
-    if any(a.startswith("init_from=") or a == "experiment=finetune" for a in args):  # from the base model: its shape
+    if any(a in ("init_from=base", "experiment=finetune") for a in args):  # from the base model: its shape
         extra = [a for a in extra if not a.startswith(("model.units=", "model.embed_dim="))]
     if "-m" in args:
         extra.append(f"hydra.sweep.dir={cwd / 'sweeps' / str(n)}")
