@@ -252,7 +252,9 @@ def load_groups() -> dict[str, Group]:
     known = (*GROUPS, *GLOBAL_GROUPS, *HYDRA_GROUPS, *LOGGING_GROUPS)
     unknown = [g for g in folders if g not in known]
     if unknown:
-        raise Undocumented(f"config group(s) {', '.join(unknown)} not on the page: add them to GROUPS in {__file__}")
+        raise Undocumented(
+            f"config group(s) {', '.join(unknown)} not on the page: add them to GROUPS in docs/make_config_reference.py"
+        )
     groups = {}
     for name in folders:
         group = Group(name, chosen.get(name))
@@ -397,14 +399,15 @@ def sections() -> list[Section]:
         out.append(section)
 
     hydra = Section("hydra (`configs/hydra/`)")
-    hydra.options = [(f"`{g}={o}`", groups[g].files[o].header) for g in ("hydra/launcher", *LOGGING_GROUPS)
-                     for o in groups[g].options()]  # fmt: skip
+    hydra.options = [(f"`{g}={o}`", groups[g].files[o].header) for g in LOGGING_GROUPS for o in groups[g].options()]
     hydra.rows = group_rows(groups["hydra"], {})
     hydra.notes.append(
         f"`configs/hydra/default.yaml` (run and sweep folders). {groups['hydra'].files['default'].header}"
     )
     out.append(hydra)
     launcher = Section("hydra/launcher (`configs/hydra/launcher/`, `hydra/launcher=OPTION` with `-m`)")
+    launcher.options = [(_option(groups["hydra/launcher"], o), groups["hydra/launcher"].files[o].header)
+                        for o in groups["hydra/launcher"].options()]  # fmt: skip
     launcher.rows = group_rows(groups["hydra/launcher"], {})
     out.append(launcher)
     return out
