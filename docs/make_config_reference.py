@@ -353,6 +353,8 @@ class Section:
 
 
 def sections() -> list[Section]:
+    """The page's sections in order: train.py and its groups, generate.py, eval.py, then the groups that set keys
+    anywhere, then Hydra's."""
     groups = load_groups()
     known = train_keys(groups)
     out = []
@@ -376,7 +378,8 @@ def sections() -> list[Section]:
                 f"The keys the project sets; every other argument of [Lightning's Trainer]({TRAINER_DOCS}) is "
                 "added with `+trainer.KEY=VALUE`."
             )
-            section.rows += [Row(k, None, {}, allowed_text(k, v, TRAIN_RULES), v, __file__) for k, v in UNSET.items()]
+            section.rows += [Row(k, None, {}, allowed_text(k, v, TRAIN_RULES), v, "docs/make_config_reference.py")
+                             for k, v in UNSET.items()]  # fmt: skip
         out.append(section)
 
     generate = Section("generate.py (`configs/generate.yaml`)")

@@ -235,15 +235,15 @@ def test_every_key_on_the_page_is_in_the_configs_with_the_value_shown(page):
             stale.append(f"{row.command}.py: {row.key}: the page names no value and no option that sets it")
         for override in dict.fromkeys(["", *options.get(row.heading, []), *listed]):
             present, value = ref.lookup(composed(row.command, (override,) if override else ()), row.key)
-            actual = ref.show(value) if present else None
+            actual = ref.show(value) if present else None  # None: not in the composed config, as — on the page
             where = f"{row.command}.py {override}".strip()
             if override in listed:
                 if actual != listed[override]:
-                    stale.append(f"{where}: {row.key} is {actual!r}, the page says {listed[override]!r}")
+                    stale.append(f"{where}: {row.key} is {actual or 'not set'}, the page says {listed[override]}")
             elif default is None and row.key.startswith("hydra."):
                 continue  # Hydra's own default, or its plugin's
             elif (override == "" or present) and actual != default:
-                stale.append(f"{where}: {row.key} is {actual!r}, the page says {default!r}")
+                stale.append(f"{where}: {row.key} is {actual or 'not set'}, the page says {default or '—'}")
     assert not stale, "rows that differ from the composed configs (run `make docs`):\n" + "\n".join(stale)
 
 
