@@ -11,7 +11,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train generate eval test lint format tensorboard sweep search bench lock clean
+.PHONY: help install train generate eval test lint format docs tensorboard sweep search bench lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ lint: install ## ruff lint and format check, and the import contract between the
 
 format: install ## ruff fix and format
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+docs: install ## write docs/configuration.md, every config key with its default, rule and meaning, from configs/
+	$(PY) docs/make_config_reference.py
 
 tensorboard: install ## TensorBoard over every run and sweep job under outputs/
 	$(BIN)/tensorboard --logdir outputs
