@@ -16,7 +16,7 @@ _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 # words that tell a reader about this repository's past instead of its present
 _HISTORY = re.compile(
     r"previous default|the default now|earlier default|\bused to\b|at commit [0-9a-f]{7}|\bcommit [0-9a-f]{7,40}\b"
-    r"|\bwas removed\b|\bno longer\b",
+    r"|\bwas removed\b",
     re.IGNORECASE,
 )
 
