@@ -35,7 +35,7 @@ def _batches_limit(v: Any) -> bool:
     return (is_int(v) and v >= 0) or (isinstance(v, float) and 0.0 <= v <= 1.0)
 
 
-BATCHES = ("any", lambda v: v is None or _batches_limit(v), "null, a count >= 0 or a fraction in [0, 1]")
+BATCHES = ("any", lambda v: v is None or _batches_limit(v), "a count >= 0 or a fraction in [0, 1]")
 
 
 def _devices(v: Any) -> bool:
@@ -108,16 +108,8 @@ TRAIN_RULES: dict[str, Rule] = {
     ),
     "trainer.log_every_n_steps": INT_GE1,
     "trainer.num_sanity_val_steps": ("int", lambda v: v >= -1, "an integer >= 0 (or -1 for all)"),
-    "trainer.limit_train_batches": (
-        "any",
-        lambda v: v is None or _batches_limit(v),
-        "a count >= 0 or a fraction in [0, 1]",
-    ),
-    "trainer.limit_val_batches": (
-        "any",
-        lambda v: v is None or _batches_limit(v),
-        "a count >= 0 or a fraction in [0, 1]",
-    ),
+    "trainer.limit_train_batches": BATCHES,
+    "trainer.limit_val_batches": BATCHES,
     "trainer.overfit_batches": ("any", _batches_limit, "a count >= 0 or a fraction in [0, 1]"),
     "trainer.deterministic": ("any", lambda v: v in (True, False, "warn"), "true, false or warn"),
     "trainer.enable_checkpointing": ("bool", None, "true or false"),
