@@ -165,7 +165,6 @@ def evaluate(cfg: DictConfig) -> Score:
     if cfg.get("data") is None or "source" not in cfg.data:  # no data=...: the run's own text (data.path: moved)
         moved = cfg.data.get("path") if cfg.get("data") is not None else None
         dataset, context, where = own_validation(path, hp, cfg.windows, moved)
-        batches = dataset_batches(dataset, cfg.batch_size)
     else:
         ids, skipped, where = read_text(cfg.data, hp, cfg.unknown)
         context = int(cfg.data.get("val_context") or hp["seq_len"])
@@ -174,8 +173,8 @@ def evaluate(cfg: DictConfig) -> Score:
                 f"{where} has {len(ids)} usable chars, too few to predict one from data.val_context={context} "
                 "chars before it; pass a longer text or a smaller data.val_context"
             )
-        dataset = WindowDataset(ids, context)
-        batches = dataset_batches(dataset, cfg.batch_size)  # every char after the first context
+        dataset = WindowDataset(ids, context)  # every char after the first context
+    batches = dataset_batches(dataset, cfg.batch_size)
     batch = min(int(cfg.batch_size), len(dataset))  # a batch never holds more windows than the text has
     per_window = sequence_bytes(net, context, 1, training=False) + context * 8  # and its int64 ids
     check_fits("batch_size", cfg.batch_size, per_window, device, "window", count=batch)
