@@ -18,9 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from charlstm.app.config import TRAIN_RULES, Rule, check, check_missing
-from charlstm.app.generate import GENERATE_RULES, pick_device, write_output
+from charlstm.app.generate import GENERATE_RULES, Interrupted, device_and_checkpoint, write_output
 from charlstm.core import checkpoint
-from charlstm.core.errors import CharLSTMError, ConfigError, CorpusError, exit_on_error
+from charlstm.core.errors import ConfigError, CorpusError, exit_on_error
 from charlstm.core.hardware import check_fits
 from charlstm.core.net import encode_inputs, sequence_bytes
 from charlstm.core.vocab import CharVocab
@@ -150,12 +150,7 @@ def evaluate(cfg: DictConfig) -> Score:
     """Score the checkpoint ``ckpt`` as configured (see configs/eval.yaml); writes ``output`` as JSON if set."""
     check_missing(cfg)
     check(cfg, EVAL_RULES)
-    if not cfg.get("ckpt"):
-        raise ConfigError("ckpt is not set; pass ckpt=PATH to a .ckpt file or ckpt=last")
-    device = pick_device(cfg.device)
-    path = checkpoint.resolve(str(cfg.ckpt), cfg.get("outputs_root") or "outputs")
-    if str(cfg.ckpt) == "last":  # which run `last` found, as generate.py says it (stdout keeps the score alone)
-        print(f"checkpoint: {path.resolve()}", file=sys.stderr, flush=True)
+    device, path = device_and_checkpoint(cfg, say_last=True)
     ckpt = checkpoint.load(path)
     net = checkpoint.build_net(ckpt, path)
     hp = ckpt["hyper_parameters"]
@@ -189,19 +184,12 @@ def evaluate(cfg: DictConfig) -> Score:
     return score
 
 
-class EvaluationInterrupted(CharLSTMError):
-    """Ctrl-C stopped scoring; exit status 130, the shell's convention for SIGINT."""
-
-    prefix = "interrupted"
-    exit_code = 130
-
-
 @exit_on_error
 def run(cfg: DictConfig) -> float:
     """What ``python eval.py`` does: print one line and return bits/char."""
     try:
         score = evaluate(cfg)
     except KeyboardInterrupt:
-        raise EvaluationInterrupted("evaluation stopped by Ctrl-C") from None
+        raise Interrupted("evaluation stopped by Ctrl-C") from None
     print(score.line(), file=sys.stdout, flush=True)
     return score.bits_per_char
