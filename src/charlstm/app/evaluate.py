@@ -23,13 +23,14 @@ from charlstm.core import checkpoint
 from charlstm.core.errors import ConfigError, CorpusError, exit_on_error
 from charlstm.core.hardware import check_fits
 from charlstm.core.net import encode_inputs, sequence_bytes
+from charlstm.core.rules import INT_GE1
 from charlstm.core.vocab import CharVocab
 from charlstm.data.windows import WindowDataset
 
 EVAL_RULES: dict[str, Rule] = {
     "unknown": GENERATE_RULES["unknown"],
     "device": GENERATE_RULES["device"],
-    "batch_size": ("int", lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": INT_GE1,
     "windows": ("choice", ("all", "run"), "all (every validation char) or run (the run's own subsample)"),
     **{k: v for k, v in TRAIN_RULES.items() if k.startswith("data.") and k != "data.encoding"},
 }
