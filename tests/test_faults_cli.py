@@ -166,8 +166,11 @@ def run_under_memory_limit(
     tmp_path: Path, script: str, *args: str, headroom: int = 2**30
 ) -> subprocess.CompletedProcess:
     """``python SCRIPT ARGS`` with an address-space limit (``ulimit -v``) of ``headroom`` bytes beyond what the
-    libraries it imports take: a machine or a job with little memory, on any machine."""
-    code = textwrap.dedent(f"""
+    libraries it imports take: a machine or a job with little memory, on any machine. A process of its own, forked
+    with the libraries already imported (tests/forkserver.py), which sets the limit before it runs the script."""
+    limited = tmp_path / "limited.py"
+    limited.write_text(
+        textwrap.dedent(f"""
         import os, resource, runpy, sys
         import torch, hydra, omegaconf, pytorch_lightning
         import charlstm.app.train, charlstm.app.evaluate, charlstm.app.generate, charlstm.app.cli
@@ -176,8 +179,8 @@ def run_under_memory_limit(
         sys.argv = [{str(ROOT / script)!r}, *{list(args)!r}]
         runpy.run_path(sys.argv[0], run_name="__main__")
     """)
-    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    )
+    return run_cli(str(limited), cwd=tmp_path, timeout=300)
 
 
 def test_generate_threads_beyond_the_cores_is_one_line(tmp_path):

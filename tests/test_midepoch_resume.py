@@ -18,7 +18,7 @@ from torch.utils.data import SequentialSampler
 from charlstm.app.train import train
 from charlstm.core import checkpoint
 from charlstm.core.errors import TrainingInterrupted
-from charlstm.data.windows import ResumableLoader, ShuffledWindows, StreamDataset, WindowDataset, _as_batch
+from charlstm.data.windows import ResumableLoader, ShuffledWindows, StreamDataset, WindowDataset, as_batch
 from charlstm.training.datamodule import STREAMS_KEY, CharDataModule, own_stream_state
 from tests import forkserver
 from tests.conftest import TINY
@@ -122,7 +122,7 @@ def test_a_checkpoint_written_inside_an_epoch_resumes_at_its_batch_without_light
 def windows_loader(n: int = 103, batch_size: int = 10, rank: int = 0, world: int = 1, seed: int | None = None):
     ds = WindowDataset(torch.arange(n + 4), seq_len=4)
     sampler = ShuffledWindows(len(ds), rank, world, seed)
-    return ResumableLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=_as_batch)
+    return ResumableLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=as_batch)
 
 
 def batches(loader, count: int | None = None) -> list[list[int]]:
@@ -190,9 +190,9 @@ def test_a_resumed_streams_loader_reads_the_rest_of_the_epoch_then_starts_at_the
 def test_a_resumed_loader_with_another_sampler_skips_the_batches_read():
     # overfit_batches: Lightning puts in a SequentialSampler
     ds = WindowDataset(torch.arange(50), seq_len=4)
-    stopped = ResumableLoader(ds, batch_size=8, sampler=SequentialSampler(ds), collate_fn=_as_batch)
+    stopped = ResumableLoader(ds, batch_size=8, sampler=SequentialSampler(ds), collate_fn=as_batch)
     assert len(batches(stopped, 2)) == 2
-    resumed = ResumableLoader(ds, batch_size=8, sampler=SequentialSampler(ds), collate_fn=_as_batch)
+    resumed = ResumableLoader(ds, batch_size=8, sampler=SequentialSampler(ds), collate_fn=as_batch)
     resumed.load_state_dict(stopped.state_dict())
     assert batches(resumed) == [list(range(i, min(i + 8, len(ds)))) for i in range(16, len(ds), 8)]
 

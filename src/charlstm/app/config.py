@@ -17,6 +17,7 @@ from charlstm.core.rules import INT_GE0, INT_GE1, Rule, is_int, is_number, refus
 from charlstm.core.sampling import SAMPLING_RULES
 from charlstm.data.windows import LAYOUTS, TARGETS
 
+INT_GE1_OR_NULL = ("int?", lambda v: v >= 1, "null or an integer >= 1")
 FRACTION_OPEN = ("float", lambda v: 0 < v < 1, "a number with 0 < value < 1")
 DROPOUT = ("float", lambda v: 0 <= v < 1, "a number with 0 <= value < 1")
 PRECISIONS = (
@@ -35,7 +36,7 @@ def _batches_limit(v: Any) -> bool:
     return (is_int(v) and v >= 0) or (isinstance(v, float) and 0.0 <= v <= 1.0)
 
 
-BATCHES = ("any", lambda v: v is None or _batches_limit(v), "null, a count >= 0 or a fraction in [0, 1]")
+BATCHES = ("any", lambda v: v is None or _batches_limit(v), "a count >= 0 or a fraction in [0, 1]")
 
 
 def _devices(v: Any) -> bool:
@@ -53,15 +54,15 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.sha256": ("str?", lambda v: re.fullmatch(r"[0-9a-fA-F]{64}", v) is not None, "null or 64 hex digits"),
     "data.errors": ("choice", ("strict", "replace"), "strict or replace"),
     "data.lowercase": ("bool", None, "true or false"),
-    "data.max_chars": ("int?", lambda v: v >= 1, "null or an integer >= 1"),
+    "data.max_chars": INT_GE1_OR_NULL,
     "data.seq_len": INT_GE1,
     "data.stride": INT_GE1,
     "data.layout": ("choice", LAYOUTS, "windows or streams"),
     "data.targets": ("choice", TARGETS, "last or all"),
     "data.val_fraction": FRACTION_OPEN,
     "data.test_fraction": ("float", lambda v: 0 <= v < 1, "a number with 0 <= value < 1 (0: no test text)"),
-    "data.val_max_windows": ("int?", lambda v: v >= 1, "null or an integer >= 1"),
-    "data.val_context": ("int?", lambda v: v >= 1, "null or an integer >= 1"),
+    "data.val_max_windows": INT_GE1_OR_NULL,
+    "data.val_context": INT_GE1_OR_NULL,
     "data.batch_size": INT_GE1,
     "data.val_batch_size": INT_GE1,
     "data.num_workers": INT_GE0,
@@ -100,7 +101,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "trainer.gradient_clip_val": ("float?", lambda v: v >= 0, "null or a number >= 0"),
     "trainer.gradient_clip_algorithm": ("choice?", ("norm", "value"), "null, norm or value"),
     "trainer.accumulate_grad_batches": INT_GE1,
-    "trainer.check_val_every_n_epoch": ("int?", lambda v: v >= 1, "null or an integer >= 1"),
+    "trainer.check_val_every_n_epoch": INT_GE1_OR_NULL,
     "trainer.val_check_interval": (
         "any",
         lambda v: v is None or (is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
@@ -108,23 +109,15 @@ TRAIN_RULES: dict[str, Rule] = {
     ),
     "trainer.log_every_n_steps": INT_GE1,
     "trainer.num_sanity_val_steps": ("int", lambda v: v >= -1, "an integer >= 0 (or -1 for all)"),
-    "trainer.limit_train_batches": (
-        "any",
-        lambda v: v is None or _batches_limit(v),
-        "a count >= 0 or a fraction in [0, 1]",
-    ),
-    "trainer.limit_val_batches": (
-        "any",
-        lambda v: v is None or _batches_limit(v),
-        "a count >= 0 or a fraction in [0, 1]",
-    ),
+    "trainer.limit_train_batches": BATCHES,
+    "trainer.limit_val_batches": BATCHES,
     "trainer.overfit_batches": ("any", _batches_limit, "a count >= 0 or a fraction in [0, 1]"),
     "trainer.deterministic": ("any", lambda v: v in (True, False, "warn"), "true, false or warn"),
     "trainer.enable_checkpointing": ("bool", None, "true or false"),
     "trainer.enable_model_summary": ("bool", None, "true or false"),
     "trainer.enable_progress_bar": ("bool", None, "true or false"),
     # callbacks
-    "callbacks.last_checkpoint.every_n_train_steps": ("int?", lambda v: v >= 1, "null or an integer >= 1"),
+    "callbacks.last_checkpoint.every_n_train_steps": INT_GE1_OR_NULL,
     "callbacks.last_checkpoint.train_time_interval": ("float?", lambda v: v > 0, "null or a number of seconds > 0"),
     "callbacks.last_checkpoint.handle_signals": ("bool", None, "true or false"),
     "callbacks.model_checkpoint.save_top_k": ("int", lambda v: v >= -1, "an integer >= 0 (or -1 to keep all)"),

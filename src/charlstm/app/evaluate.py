@@ -18,18 +18,19 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from charlstm.app.config import TRAIN_RULES, Rule, check, check_missing
-from charlstm.app.generate import GENERATE_RULES, pick_device, write_output
+from charlstm.app.generate import GENERATE_RULES, Interrupted, device_and_checkpoint, write_output
 from charlstm.core import checkpoint
-from charlstm.core.errors import CharLSTMError, ConfigError, CorpusError, exit_on_error
+from charlstm.core.errors import ConfigError, CorpusError, exit_on_error
 from charlstm.core.hardware import check_fits
 from charlstm.core.net import encode_inputs, sequence_bytes
+from charlstm.core.rules import INT_GE1
 from charlstm.core.vocab import CharVocab
 from charlstm.data.windows import WindowDataset
 
 EVAL_RULES: dict[str, Rule] = {
     "unknown": GENERATE_RULES["unknown"],
     "device": GENERATE_RULES["device"],
-    "batch_size": ("int", lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": INT_GE1,
     "windows": ("choice", ("all", "run"), "all (every validation char) or run (the run's own subsample)"),
     **{k: v for k, v in TRAIN_RULES.items() if k.startswith("data.") and k != "data.encoding"},
 }
@@ -150,12 +151,7 @@ def evaluate(cfg: DictConfig) -> Score:
     """Score the checkpoint ``ckpt`` as configured (see configs/eval.yaml); writes ``output`` as JSON if set."""
     check_missing(cfg)
     check(cfg, EVAL_RULES)
-    if not cfg.get("ckpt"):
-        raise ConfigError("ckpt is not set; pass ckpt=PATH to a .ckpt file or ckpt=last")
-    device = pick_device(cfg.device)
-    path = checkpoint.resolve(str(cfg.ckpt), cfg.get("outputs_root") or "outputs")
-    if str(cfg.ckpt) == "last":  # which run `last` found, as generate.py says it (stdout keeps the score alone)
-        print(f"checkpoint: {path.resolve()}", file=sys.stderr, flush=True)
+    device, path = device_and_checkpoint(cfg, say_last=True)
     ckpt = checkpoint.load(path)
     net = checkpoint.build_net(ckpt, path)
     hp = ckpt["hyper_parameters"]
@@ -165,7 +161,6 @@ def evaluate(cfg: DictConfig) -> Score:
     if cfg.get("data") is None or "source" not in cfg.data:  # no data=...: the run's own text (data.path: moved)
         moved = cfg.data.get("path") if cfg.get("data") is not None else None
         dataset, context, where = own_validation(path, hp, cfg.windows, moved)
-        batches = dataset_batches(dataset, cfg.batch_size)
     else:
         ids, skipped, where = read_text(cfg.data, hp, cfg.unknown)
         context = int(cfg.data.get("val_context") or hp["seq_len"])
@@ -174,8 +169,8 @@ def evaluate(cfg: DictConfig) -> Score:
                 f"{where} has {len(ids)} usable chars, too few to predict one from data.val_context={context} "
                 "chars before it; pass a longer text or a smaller data.val_context"
             )
-        dataset = WindowDataset(ids, context)
-        batches = dataset_batches(dataset, cfg.batch_size)  # every char after the first context
+        dataset = WindowDataset(ids, context)  # every char after the first context
+    batches = dataset_batches(dataset, cfg.batch_size)
     batch = min(int(cfg.batch_size), len(dataset))  # a batch never holds more windows than the text has
     per_window = sequence_bytes(net, context, 1, training=False) + context * 8  # and its int64 ids
     check_fits("batch_size", cfg.batch_size, per_window, device, "window", count=batch)
@@ -190,19 +185,12 @@ def evaluate(cfg: DictConfig) -> Score:
     return score
 
 
-class EvaluationInterrupted(CharLSTMError):
-    """Ctrl-C stopped scoring; exit status 130, the shell's convention for SIGINT."""
-
-    prefix = "interrupted"
-    exit_code = 130
-
-
 @exit_on_error
 def run(cfg: DictConfig) -> float:
     """What ``python eval.py`` does: print one line and return bits/char."""
     try:
         score = evaluate(cfg)
     except KeyboardInterrupt:
-        raise EvaluationInterrupted("evaluation stopped by Ctrl-C") from None
+        raise Interrupted("evaluation stopped by Ctrl-C") from None
     print(score.line(), file=sys.stdout, flush=True)
     return score.bits_per_char

@@ -31,8 +31,8 @@ GENERATE_RULES: dict[str, Rule] = {
 }
 
 
-class GenerationInterrupted(CharLSTMError):
-    """Ctrl-C stopped generation; exit status 130, the shell's convention for SIGINT."""
+class Interrupted(CharLSTMError):
+    """Ctrl-C stopped generation or scoring; exit status 130, the shell's convention for SIGINT."""
 
     prefix = "interrupted"
     exit_code = 130
@@ -48,6 +48,18 @@ def pick_device(name: str) -> torch.device:
     if name == "gpu" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def device_and_checkpoint(cfg: DictConfig, say_last: bool) -> tuple[torch.device, Path]:
+    """The configured device and the checkpoint ``ckpt`` names; with ``say_last``, which run ``ckpt=last`` picked is
+    said on stderr (stdout keeps the text or the score alone)."""
+    if not cfg.get("ckpt"):
+        raise ConfigError("ckpt is not set; pass ckpt=PATH to a .ckpt file or ckpt=last")
+    device = pick_device(cfg.device)
+    path = checkpoint.resolve(str(cfg.ckpt), cfg.get("outputs_root") or "outputs")
+    if str(cfg.ckpt) == "last" and say_last:
+        print(f"checkpoint: {path.resolve()}", file=sys.stderr, flush=True)
+    return device, path
 
 
 def threads_for(threads: int | None, num_samples: int, mode: str) -> int:
@@ -108,12 +120,7 @@ def generate(cfg: DictConfig, stream: TextIO | None = None) -> list[str]:
     batch is done, each under a header.
     """
     check(cfg, GENERATE_RULES)
-    if not cfg.get("ckpt"):
-        raise ConfigError("ckpt is not set; pass ckpt=PATH to a .ckpt file or ckpt=last")
-    device = pick_device(cfg.device)
-    path = checkpoint.resolve(str(cfg.ckpt), cfg.get("outputs_root") or "outputs")
-    if str(cfg.ckpt) == "last" and stream is not None:
-        print(f"checkpoint: {path.resolve()}", file=sys.stderr, flush=True)
+    device, path = device_and_checkpoint(cfg, say_last=stream is not None)
     gen = Generator.from_checkpoint(path, device)
     prompt = gen.clean_prompt(read_prompt(cfg), cfg.unknown)
 
@@ -153,7 +160,7 @@ def run(cfg: DictConfig) -> None:
         generate(cfg, stream=sys.stdout)
     except KeyboardInterrupt:
         print(file=sys.stdout, flush=True)
-        raise GenerationInterrupted("generation stopped by Ctrl-C") from None
+        raise Interrupted("generation stopped by Ctrl-C") from None
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): stop quietly, and keep Python from complaining at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

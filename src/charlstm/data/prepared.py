@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from charlstm.core.errors import CorpusError, VocabError, storage_error, write_failure
-from charlstm.core.fileio import file_mode, fsync_dir
+from charlstm.core.errors import CorpusError, StorageError, VocabError, storage_error, write_failure
+from charlstm.core.fileio import atomic_write_text, file_mode, fsync_dir
 from charlstm.core.vocab import CharVocab, char_list, codepoints, unknown_chars
 from charlstm.data.corpus import corpus_file
 
@@ -163,15 +163,9 @@ def _settled_identity(path: Path, clock_dir: Path) -> list[int] | None:
 
 
 def _replace_json(path: Path, value: Any) -> None:
-    """Write ``value`` as JSON to ``path`` at once: a reader sees the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        _write_json(tmp, value)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Rewrite ``path`` as JSON atomically where it can be: a cache that cannot be written is still used as is."""
+    with contextlib.suppress(OSError, StorageError):
+        atomic_write_text(path, json.dumps(value, ensure_ascii=False))
 
 
 def _index(root: Path, group: str) -> Path:
@@ -189,8 +183,7 @@ def _text_hash(path: Path, index: Path) -> str:
     before = _settled_identity(path, index.parent)
     digest = file_hash(path)
     if before is not None and identity(path) == before:
-        with contextlib.suppress(OSError):
-            _replace_json(index, {"identity": before, "hash": digest})
+        _replace_json(index, {"identity": before, "hash": digest})
     return digest
 
 
@@ -226,8 +219,7 @@ def _record(folder: Path, meta: dict[str, Any], files: dict[str, list[int] | Non
     known = {name: found for name, found in files.items() if found is not None}
     if known != meta.get("files"):
         meta["files"] = known
-        with contextlib.suppress(OSError):
-            _replace_json(folder / "meta.json", meta)
+        _replace_json(folder / "meta.json", meta)
 
 
 def open_prepared(folder: Path, fingerprint: str, say_damage: bool = True) -> PreparedCorpus | None:
@@ -402,12 +394,6 @@ def _changed(where: str) -> CorpusError:
     return CorpusError(f"{where} changed while it was being prepared; run again once it is complete")
 
 
-def _hash_bytes(data: bytes) -> str:
-    digest = new_digest()
-    digest.update(data)
-    return str(digest.hexdigest())
-
-
 def _write_json(path: Path, value: Any) -> str:
     """Write ``value`` as JSON; returns the hash of the bytes written."""
     data = json.dumps(value, ensure_ascii=False).encode("utf-8")
@@ -415,7 +401,9 @@ def _write_json(path: Path, value: Any) -> str:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-    return _hash_bytes(data)
+    digest = new_digest()
+    digest.update(data)
+    return str(digest.hexdigest())
 
 
 def _fingerprint(group: str, key: str, content_hash: str) -> str:
@@ -518,8 +506,7 @@ def _prepare_locked(
             {name: _settled_identity(folder / name, folder) for name in ("vocab.json", f"ids.{meta['ids']}")},
         )
         if settled is not None and identity(path) == settled:
-            with contextlib.suppress(OSError):
-                _replace_json(_index(root, group), {"identity": settled, "hash": content_hash})
+            _replace_json(_index(root, group), {"identity": settled, "hash": content_hash})
     return meta
 
 

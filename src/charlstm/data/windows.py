@@ -17,7 +17,7 @@ LAYOUTS = ("windows", "streams")  # data.layout: WindowDataset or StreamDataset
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def _as_batch(batch: Batch) -> Batch:
+def as_batch(batch: Batch) -> Batch:
     """collate_fn for datasets that build whole batches in ``__getitems__`` (module level so workers can pickle it)."""
     return batch
 

@@ -96,9 +96,8 @@ class TextSample(Callback):
         text = self.sample(pl_module)
         step = trainer.global_step
         self.texts.append((step, text))
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text(self.tag, as_markdown(text), global_step=step)
+        for logger in _tensorboards(trainer):
+            logger.experiment.add_text(self.tag, as_markdown(text), global_step=step)
         if self.console:
             pl_module.print(f"sample at epoch {trainer.current_epoch}, step {step}:\n{printable(text)}")
 

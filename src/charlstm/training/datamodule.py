@@ -17,7 +17,7 @@ from charlstm.core.net import encode_inputs
 from charlstm.core.vocab import CharVocab
 from charlstm.data.corpus import play_names, play_text
 from charlstm.data.prepared import check_covers, corpus_ids, recode
-from charlstm.data.windows import Batch, ResumableLoader, ShuffledWindows, StreamDataset, WindowDataset, _as_batch
+from charlstm.data.windows import Batch, ResumableLoader, ShuffledWindows, StreamDataset, WindowDataset, as_batch
 
 
 def split_ids(ids: torch.Tensor, val_fraction: float, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,7 +313,7 @@ class CharDataModule(pl.LightningDataModule):
             # Workers start again each epoch (not persistent): a new iterator draws from torch's RNG as the main
             # process's does, so the epoch's shuffle, and the run, are the same with or without workers (tested).
             loader = ResumableLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                                     collate_fn=_as_batch)  # fmt: skip
+                                     collate_fn=as_batch)  # fmt: skip
         return loader
 
     def state_dict(self) -> dict:
@@ -345,7 +345,7 @@ class CharDataModule(pl.LightningDataModule):
             sampler = UnrepeatedDistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
         # Its own generator: every pass of a DataLoader draws a seed, and scoring must not move the training's random
         # draws (a run stopped by trainer.max_steps validates once more than one that went on, then resumes exactly)
-        return DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, sampler=sampler, collate_fn=_as_batch,
+        return DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, sampler=sampler, collate_fn=as_batch,
                           generator=torch.Generator())  # fmt: skip
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:

@@ -244,20 +244,18 @@ class CharLSTMModule(pl.LightningModule):
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
-    def _time_budget(self) -> float | None:
-        """Seconds of ``trainer.max_time`` (None when the run is bounded by steps or epochs only)."""
+    def _timer(self) -> Any:
+        """Lightning's Timer callback (``trainer.max_time`` adds it), or None."""
         from pytorch_lightning.callbacks import Timer
 
-        timer = next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
+        return next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
+
+    def _time_budget(self) -> float | None:
+        """Seconds of ``trainer.max_time`` (None when the run is bounded by steps or epochs only)."""
+        timer = self._timer()
         if timer is None or timer.time_remaining() is None:
             return None
         return timer.time_elapsed() + timer.time_remaining()
-
-    def _wall_elapsed(self) -> float | None:
-        from pytorch_lightning.callbacks import Timer
-
-        timer = next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
-        return None if timer is None else timer.time_elapsed()
 
     # -- the time schedule's clock: a training stretch starts at a batch, validation pauses it ------------------
     def on_validation_start(self) -> None:
@@ -265,7 +263,8 @@ class CharLSTMModule(pl.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self.clock.running:
-            self.clock.resume_training(self._wall_elapsed())
+            timer = self._timer()
+            self.clock.resume_training(None if timer is None else timer.time_elapsed())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CLOCK_KEY] = self.clock.state_dict()

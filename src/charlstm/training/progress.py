@@ -96,13 +96,6 @@ class FinalValidation(Callback):
     batch that ends the run anyway.
     """
 
-    def __init__(self) -> None:
-        self.validated_at: int | None = None
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self.validated_at = trainer.global_step
-
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if trainer.should_stop or not trainer.enable_validation:
             return
