@@ -44,9 +44,8 @@ def test_every_relative_link_leads_to_a_file_and_heading_that_exist(page: Path):
             continue
         path, _, anchor = link.partition("#")
         target = (page.parent / path).resolve() if path else page
-        if not target.exists():
-            broken.append(link)
-        elif anchor and target.suffix == ".md" and anchor not in anchors(target):
+        missing_anchor = bool(anchor) and target.suffix == ".md" and target.exists() and anchor not in anchors(target)
+        if not target.exists() or missing_anchor:
             broken.append(link)
     assert not broken, f"{page.relative_to(ROOT)} links to what does not exist: {broken}"
 
