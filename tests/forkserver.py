@@ -214,15 +214,6 @@ class ForkedProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
 
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = self.server.poll(self.pid, 0)
-        return self.returncode
-
-    def send_signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signum)
-
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         self.wait(timeout)
         outputs = tuple(path.read_text(encoding="utf-8") for path in (self.out, self.err))

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pytest
@@ -19,7 +18,6 @@ from optuna.trial import TrialState
 
 from charlstm.app import search
 from charlstm.core.errors import ConfigError
-from tests import forkserver
 from tests.cli import cli_env, ok, one_line_error, run_cli
 from tests.test_search import SEARCH
 
@@ -121,12 +119,15 @@ def running(db: Path, beating: bool = False) -> list[int]:
         return []
 
 
-def start_search(tmp_path: Path, data_dir: Path, n_trials: int, *extra: str) -> Any:
+def start_search(tmp_path: Path, data_dir: Path, n_trials: int, *extra: str) -> subprocess.Popen:
     args = search_cmd(tmp_path, data_dir, f"hydra.sweeper.n_trials={n_trials}", *extra)
-    return forkserver.popen([sys.executable, str(ROOT / "train.py"), *args], tmp_path, cli_env())
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
 
 
-def stop_during_a_trial(proc: Any, db: Path, signum: int) -> int:
+def stop_during_a_trial(proc: subprocess.Popen, db: Path, signum: int) -> int:
     """Send ``signum`` (SIGSTOP or SIGKILL) to the search ``proc`` while one of its trials is running; its number."""
     beating = signum == signal.SIGKILL  # a process gone before its trial's first heartbeat leaves it running
     while proc.poll() is None:
@@ -142,7 +143,7 @@ def stop_during_a_trial(proc: Any, db: Path, signum: int) -> int:
     raise AssertionError(f"the search ended before a trial could be caught running:\n{proc.communicate()[1][-3000:]}")
 
 
-def finish(proc: Any) -> subprocess.CompletedProcess:
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
     out, err = proc.communicate(timeout=600)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
