@@ -39,7 +39,7 @@ PLAYS = {**CHARRNN, "data.extra_plays": "auto", "trainer.max_epochs": 1, "traine
 # a small text of the user's, from the shipped base model, with dropout, for 90 s
 FINETUNE = {
     **DEFAULT, "init_from": "base", "data.source": "file", "data.path": "x.txt", "data.lowercase": False,
-    "model.dropout": 0.2, "trainer.max_time": "00:00:01:30",
+    "model.dropout": 0.2, "model.weight_decay": 0.1, "trainer.max_time": "00:00:01:30",
 }  # fmt: skip
 
 
