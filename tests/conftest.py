@@ -65,6 +65,8 @@ SMALL = [
     "sample.length=20",
 ]
 TINY = ["~experiment", *TUTORIAL_SHAPE, *SMALL]
+# the overrides a run from the shipped base model (init_from=base, experiment=finetune) must not shrink: its shape
+BASE_SHAPE = ("model.units=", "model.embed_dim=")
 
 
 def compose_cfg(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:

@@ -314,3 +314,22 @@ def test_kill_9_loses_at_most_the_steps_since_the_last_periodic_checkpoint(tmp_p
     assert step % 4 == 0 or step % trainer.num_training_batches == 0  # a periodic save or an epoch end
     assert trainer.global_step == trainer.current_epoch * trainer.num_training_batches > step
     assert not [p for p in ckpts.iterdir() if p.name.endswith(".tmp")]  # leftovers of the killed write cleared
+
+
+@pytest.mark.parametrize(("module", "work", "what"), [("generate", "generate", "generation"),
+                                                     ("evaluate", "evaluate", "evaluation")])  # fmt: skip
+def test_ctrl_c_while_generating_or_scoring_is_one_line_and_exit_130(monkeypatch, capsys, module, work, what):
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    command = importlib.import_module(f"charlstm.app.{module}")
+
+    def pressed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, work, pressed)
+    with pytest.raises(SystemExit) as stopped:
+        command.run(OmegaConf.create({}))
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.strip() == f"interrupted: {what} stopped by Ctrl-C"

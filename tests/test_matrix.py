@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict
 
-from tests.conftest import CONFIG_DIR, compose_cfg
+from tests.conftest import BASE_SHAPE, CONFIG_DIR, compose_cfg
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 DEBUGS = sorted(p.stem for p in (CONFIG_DIR / "debug").glob("*.yaml"))
@@ -32,7 +32,6 @@ SHRINK = ["data.max_chars=2500", "model.units=8", "model.embed_dim=8", "data.val
           "sample.length=10", "trainer.enable_model_summary=false"]  # fmt: skip
 # experiment=finetune starts from the shipped base model (its shape: no model.units / embed_dim shrinking) and
 # trains on the user's own file (data=file: a play is not one of its corpora)
-BASE_SHAPE = ("model.units=", "model.embed_dim=")
 
 
 def shrink(experiment: str, files: dict[str, Path] | None = None) -> list[str]:

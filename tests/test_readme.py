@@ -19,12 +19,11 @@ import pytest
 import torch
 
 from tests.cli import ROOT, ok, one_line_error, run_cli
+from tests.conftest import BASE_SHAPE
+from tests.test_docs import PAGES  # the README, every page of docs/ and the base model's README
 
 pytestmark = pytest.mark.slow
 
-README = ROOT / "README.md"
-# the pages whose code blocks are run: the README, every page of docs/ and the base model's README
-PAGES = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "src" / "charlstm" / "pretrained" / "README.md"]
 _COMMAND = re.compile(
     r"^((?:python (?:train|generate|eval|benchmarks/[a-z0-9_]+)\.py|make [a-z]+|tensorboard)(?:\s.*?)?)\s*(?:#\s.*)?$"
 )
@@ -153,7 +152,7 @@ def prepare(command: str, cwd: Path, n: int) -> tuple[str, list[str]] | None:
         return script, [*args, f"trainer.max_steps={step + 3}", "trainer.max_epochs=-1", "sample.length=0"]
     extra = [*TRAIN_SHRINK, "trainer.max_steps=4"]
     if any(a in ("init_from=base", "experiment=finetune") for a in args):  # from the base model: its shape
-        extra = [a for a in extra if not a.startswith(("model.units=", "model.embed_dim="))]
+        extra = [a for a in extra if not a.startswith(BASE_SHAPE)]
     if "-m" in args:
         extra.append(f"hydra.sweep.dir={cwd / 'sweeps' / str(n)}")
         if "hparams_search" in command:

@@ -18,9 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from charlstm.app.config import TRAIN_RULES, Rule, check, check_missing
-from charlstm.app.generate import GENERATE_RULES, Interrupted, device_and_checkpoint, write_output
+from charlstm.app.generate import GENERATE_RULES, device_and_checkpoint, write_output
 from charlstm.core import checkpoint
-from charlstm.core.errors import ConfigError, CorpusError, exit_on_error
+from charlstm.core.errors import ConfigError, CorpusError, TrainingInterrupted, exit_on_error
 from charlstm.core.hardware import check_fits
 from charlstm.core.net import encode_inputs, sequence_bytes
 from charlstm.core.rules import INT_GE1
@@ -191,6 +191,6 @@ def run(cfg: DictConfig) -> float:
     try:
         score = evaluate(cfg)
     except KeyboardInterrupt:
-        raise Interrupted("evaluation stopped by Ctrl-C") from None
+        raise TrainingInterrupted("evaluation stopped by Ctrl-C") from None
     print(score.line(), file=sys.stdout, flush=True)
     return score.bits_per_char

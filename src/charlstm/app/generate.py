@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from charlstm.app.config import Rule, check
 from charlstm.core import checkpoint
-from charlstm.core.errors import CharLSTMError, ConfigError, exit_on_error
+from charlstm.core.errors import ConfigError, TrainingInterrupted, exit_on_error
 from charlstm.core.fileio import atomic_write_text
 from charlstm.core.hardware import usable_cores
 from charlstm.core.sampling import SAMPLING_RULES, Generator, printable
@@ -29,13 +29,6 @@ GENERATE_RULES: dict[str, Rule] = {
         "this process may use",
     ),
 }
-
-
-class Interrupted(CharLSTMError):
-    """Ctrl-C stopped generation or scoring; exit status 130, the shell's convention for SIGINT."""
-
-    prefix = "interrupted"
-    exit_code = 130
 
 
 def pick_device(name: str) -> torch.device:
@@ -160,7 +153,7 @@ def run(cfg: DictConfig) -> None:
         generate(cfg, stream=sys.stdout)
     except KeyboardInterrupt:
         print(file=sys.stdout, flush=True)
-        raise Interrupted("generation stopped by Ctrl-C") from None
+        raise TrainingInterrupted("generation stopped by Ctrl-C") from None
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): stop quietly, and keep Python from complaining at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -47,7 +47,8 @@ class TrainingFailed(CharLSTMError):
 
 
 class TrainingInterrupted(CharLSTMError):
-    """Ctrl-C or SIGTERM stopped training; the message says what was saved and how to resume.
+    """Ctrl-C or SIGTERM stopped a command (training, generation, scoring); for training the message says what was
+    saved and how to resume.
 
     The exit status is the shell's convention for a signal, 128 + its number: 130 for Ctrl-C (SIGINT),
     143 for SIGTERM, so schedulers and scripts see an unfinished run; a job that requeued itself exits with
