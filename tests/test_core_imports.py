@@ -8,8 +8,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 CORE = (
     "charlstm.core.vocab",
     "charlstm.core.net",
@@ -29,29 +27,32 @@ TRAINING_FLOOR = (
 )
 
 
-def loaded_after(code: str) -> set[str]:
-    """The module names in sys.modules after running ``code`` in a fresh interpreter."""
-    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+def loaded_after_each(modules: tuple[str, ...]) -> dict[str, set[str]]:
+    """Import ``modules`` one after another in a fresh interpreter: the names in sys.modules after each import."""
+    script = (
+        "import importlib, json, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "    print(json.dumps([name, sorted(sys.modules)]))"
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    return set(json.loads(out.splitlines()[-1]))
+    return {name: set(loaded) for name, loaded in (json.loads(line) for line in out.splitlines() if line[:1] == "[")}
 
 
-@pytest.mark.parametrize("module", CORE)
-def test_core_module_imports_no_training_floor(module):
-    loaded = loaded_after(f"import {module}")
-    assert module in loaded
-    assert not loaded & set(TRAINING_FLOOR), f"{module} pulled in {sorted(loaded & set(TRAINING_FLOOR))}"
-
-
-def test_sampling_and_generate_together_leave_lightning_out():
-    loaded = loaded_after("import charlstm.core.sampling, charlstm.app.generate")
-    assert "pytorch_lightning" not in loaded
-    assert "charlstm.training.datamodule" not in loaded
+def test_core_modules_import_no_training_floor():
+    # a module that pulls in the floor is caught at its own import: had an earlier one pulled it in, that one is
+    after = loaded_after_each(CORE)
+    assert list(after) == list(CORE)
+    for module, loaded in after.items():
+        assert module in loaded
+        assert not loaded & set(TRAINING_FLOOR), f"{module} pulled in {sorted(loaded & set(TRAINING_FLOOR))}"
 
 
 def test_the_check_sees_lightning_when_it_is_imported():
-    # the same probe on the training floor must find it, or the tests above prove nothing
-    assert {"pytorch_lightning", "charlstm.training.datamodule"} <= loaded_after("import charlstm.training.model")
+    # the same probe on the training floor must find it, or the test above proves nothing
+    after = loaded_after_each(("charlstm.core.vocab", "charlstm.training.model"))
+    assert not after["charlstm.core.vocab"] & set(TRAINING_FLOOR)
+    assert {"pytorch_lightning", "charlstm.training.datamodule"} <= after["charlstm.training.model"]
 
 
 def test_the_layer_map_in_the_docs_names_every_module():
