@@ -11,7 +11,7 @@ trainer.max_time=BUDGET` plus --args (the default recipe from scratch, keeping c
 `init_from=base` plus --init-args on top for the other; each is scored by `python eval.py` on its best checkpoint
 over the whole validation split (the text's last 10%).
 
-    python benchmarks/finetune_bench.py                      # licenses: 30 s, 90 s, 5 min; code: 30 s, 90 s
+    python benchmarks/finetune_bench.py                      # licenses and code: 30 s, 90 s, 5 min each
     python benchmarks/finetune_bench.py --plan licenses:30 --init-args model.lr=0.001
 """
 
@@ -34,7 +34,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CHARS = 80_000
 LICENSES = ["GPL-3", "MPL-2.0", "Apache-2.0", "GPL-2", "CC0-1.0", "Artistic"]
 STDLIB = ["textwrap.py", "shlex.py", "heapq.py", "string.py", "fnmatch.py", "colorsys.py", "bisect.py", "glob.py"]
-DEFAULT_PLAN = "licenses:30,90,300 code:30,90"
+DEFAULT_PLAN = "licenses:30,90,300 code:30,90,300"
 
 
 def build_texts(folder: Path) -> dict[str, Path]:
