@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from charlstm.app.pruning import PRUNED_AT, make_pruner, quiet_optuna, trial_id
 from charlstm.app.rundir import override_key
-from charlstm.core.errors import ConfigError
+from charlstm.core.errors import ConfigError, StorageError
 
 if TYPE_CHECKING:
     import optuna
@@ -155,6 +155,20 @@ def storage_url(storage: str | None, sweep_dir: Path) -> str:
 HEARTBEAT_SECONDS = 60
 # Python packages of the database drivers SQLAlchemy imports, where the package's name differs from the module's
 DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}
+
+
+def storage_failure(url: str, err: BaseException) -> StorageError:
+    """Optuna's StorageInternalError (a write to the study that failed) as one line: with SQLite, typically a lock
+    held by another search process that was stopped (Ctrl-Z) in the middle of a write."""
+    from sqlalchemy.engine import make_url
+
+    cause = err.__cause__ if err.__cause__ is not None else err
+    why = " ".join(str(getattr(cause, "orig", None) or cause).split("\n")[0].split())
+    return StorageError(
+        f"the study's storage {make_url(url).render_as_string(hide_password=True)} could not be written ({why}); "
+        "if another search process on it is stopped, continue it (fg) or end it, then the same command continues "
+        "the study"
+    )
 
 
 def open_storage(url: str, heartbeat_interval: int | None = HEARTBEAT_SECONDS) -> optuna.storages.RDBStorage:

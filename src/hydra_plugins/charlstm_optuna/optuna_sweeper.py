@@ -97,6 +97,10 @@ class CharLSTMOptunaSweeper(Sweeper):
                 with search.heartbeats(storage, study, trials):
                     returns += self._run(study, trials, fixed, url, metric)
         except BaseException as err:
+            import optuna
+
+            if isinstance(err, optuna.exceptions.StorageInternalError):  # a write refused: no report can be read
+                raise search.storage_failure(url, err) from None
             self._report(study, fixed, sweep_dir, metric, final=False)  # the trials so far
             if isinstance(err, KeyboardInterrupt):  # between two trials
                 from charlstm.core.errors import TrainingInterrupted
