@@ -101,5 +101,11 @@ def quiet_known_warnings() -> None:
         message=r"It is recommended to use `self\.log\('(val|test|train)/\w+', \.\.\., sync_dist=True\)`",
         module=r"pytorch_lightning\.",
     )
+    # debug=overfit trains on its first batches in order: Lightning says it turns shuffling off, which is the point
+    warnings.filterwarnings(
+        "ignore",
+        message=r"You requested to overfit but enabled train dataloader shuffling",
+        module=r"pytorch_lightning\.",
+    )
     # oneDNN's note about TF32 on Intel GPUs, printed once on CPUs where it cannot apply
     warnings.filterwarnings("ignore", message=r".*TF32 acceleration on top of oneDNN", category=UserWarning)
