@@ -153,6 +153,17 @@ def recorded_score() -> float:
     return float(re.search(r"validation bits/char: ([0-9.]+)", readme).group(1))
 
 
+def test_export_keeps_the_hyperparameters_and_half_precision_weights_only(base_ckpt, tmp_path):
+    dest = finetune.export(base_ckpt, tmp_path / "small" / "base.ckpt")
+    full = torch.load(base_ckpt, map_location="cpu", weights_only=True)
+    small = torch.load(dest, map_location="cpu", weights_only=True)
+    assert "optimizer_states" not in small and small["hyper_parameters"] == full["hyper_parameters"]
+    assert small["global_step"] == full["global_step"] and small["state_dict"]
+    for name, value in small["state_dict"].items():
+        assert value.dtype == torch.float16 and torch.equal(value, full["state_dict"][name].half()), name
+    assert [p.name for p in dest.parent.iterdir()] == ["base.ckpt"]  # written whole, no temporary left
+
+
 def test_the_shipped_base_loads_with_weights_only_and_builds():
     from charlstm.core.checkpoint import build_net
 

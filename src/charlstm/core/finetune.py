@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from charlstm.core import checkpoint
+from charlstm.core import checkpoint, fileio
 from charlstm.core.errors import CheckpointError, ConfigError
 from charlstm.core.net import CharLSTM
 
@@ -148,6 +148,5 @@ def export(src: str | os.PathLike[str], dest: str | os.PathLike[str], half: bool
              "epoch": ckpt.get("epoch", 0), "global_step": ckpt.get("global_step", 0),
              "pytorch-lightning_version": ckpt.get("pytorch-lightning_version")}  # fmt: skip
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(small, dest)
+    fileio.atomic_write(dest, lambda fh: torch.save(small, fh))  # a stopped export leaves the old file whole
     return dest
