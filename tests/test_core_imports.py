@@ -40,7 +40,8 @@ def loaded_after_each(modules: tuple[str, ...]) -> dict[str, set[str]]:
 
 
 def test_core_modules_import_no_training_floor():
-    # a module that pulls in the floor is caught at its own import: had an earlier one pulled it in, that one is
+    # a module that pulls in the floor is caught at its own import (had an earlier one pulled it in, it would be
+    # caught there instead)
     after = loaded_after_each(CORE)
     assert list(after) == list(CORE)
     for module, loaded in after.items():

@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,6 +89,25 @@ def test_a_running_trial_whose_process_sends_heartbeats_is_left_to_it(tmp_path):
         assert second.trials[0].state == TrialState.RUNNING and search.INTERRUPTED not in second.trials[0].user_attrs
         first.tell(trial, 0.5)  # its own process ends it
     assert first.trials[0].state == TrialState.COMPLETE and len(first.trials) == 1
+
+
+def test_a_heartbeat_the_storage_refuses_is_tried_again_without_a_traceback(tmp_path, monkeypatch):
+    study, storage = search.open_study(f"sqlite:///{tmp_path / 'study.db'}", "s", "minimize", ["a=1"], 0, 1, {},
+                                       heartbeat_interval=1)  # fmt: skip
+    trial = study.ask({"x": FloatDistribution(0, 1)})
+    real, calls, crashed = storage.record_heartbeat, [], []
+
+    def refused_once(trial_id):  # the first beat meets a locked storage (another process stopped inside a write)
+        calls.append(trial_id)
+        if len(calls) == 1:
+            raise optuna.exceptions.StorageInternalError("database is locked")
+        real(trial_id)
+
+    monkeypatch.setattr(storage, "record_heartbeat", refused_once)
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
+    with search.heartbeats(storage, study, [trial]):
+        time.sleep(1.5)
+    assert len(calls) >= 2 and not crashed
 
 
 def test_a_trial_whose_process_is_gone_runs_again_and_is_not_counted(tmp_path):
@@ -217,6 +237,22 @@ def unlocked_while_held(db: Path) -> bool:
             return unlocked(db)
         finally:
             other.execute("ROLLBACK")
+
+
+def test_a_storage_locked_when_the_search_opens_it_is_one_line_that_keeps_the_study(tmp_path, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    def locked(url, **settings):  # what RDBStorage raises after SQLite's 60-s wait for another process's lock
+        raise OperationalError("SELECT version_info", {}, sqlite3.OperationalError("database is locked"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", locked)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    with pytest.raises(ConfigError) as caught:
+        search.open_storage(url)
+    assert str(caught.value) == (
+        f"the study's storage {url} cannot be opened (database is locked); if another search process on it is "
+        "stopped, continue it (fg) or end it, then the same command continues the search"
+    )  # not "move that one away", which would leave the study behind
 
 
 def test_a_new_storage_opened_by_two_processes_at_once_is_made_once(tmp_path, monkeypatch):

@@ -30,11 +30,11 @@ VARIANTS = {
 }
 SHRINK = ["data.max_chars=2500", "model.units=8", "model.embed_dim=8", "data.val_max_windows=64",
           "sample.length=10", "trainer.enable_model_summary=false"]  # fmt: skip
-# experiment=finetune starts from the shipped base model (its shape: no model.units / embed_dim shrinking) and
-# trains on the user's own file (data=file: a play is not one of its corpora)
 
 
 def shrink(experiment: str, files: dict[str, Path] | None = None) -> list[str]:
+    """SHRINK; experiment=finetune starts from the shipped base model (its shape: no model.units / embed_dim
+    shrinking) and trains on the user's own file (data=file: a play is not one of its corpora)."""
     if experiment != "finetune":
         return SHRINK
     own = [f"data.path={files['ascii']}"] if files else []

@@ -157,18 +157,24 @@ HEARTBEAT_SECONDS = 60
 DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}
 
 
+# what to do when a SQLite study is locked by another process (one stopped with Ctrl-Z in the middle of a write keeps
+# the lock until it goes on)
+LOCKED_FIX = "if another search process on it is stopped, continue it (fg) or end it, then the same command continues"
+
+
+def database_said(err: BaseException) -> str:
+    """The first line of what the database said (SQLAlchemy keeps the driver's error as ``orig``)."""
+    return " ".join(str(getattr(err, "orig", None) or err).split("\n")[0].split())
+
+
 def storage_failure(url: str, err: BaseException) -> StorageError:
-    """Optuna's StorageInternalError (a write to the study that failed) as one line: with SQLite, typically a lock
-    held by another search process that was stopped (Ctrl-Z) in the middle of a write."""
+    """Optuna's StorageInternalError (a write to the study that failed, the database's reason as its cause) as one
+    line."""
     from sqlalchemy.engine import make_url
 
-    cause = err.__cause__ if err.__cause__ is not None else err
-    why = " ".join(str(getattr(cause, "orig", None) or cause).split("\n")[0].split())
-    return StorageError(
-        f"the study's storage {make_url(url).render_as_string(hide_password=True)} could not be written ({why}); "
-        "if another search process on it is stopped, continue it (fg) or end it, then the same command continues "
-        "the study"
-    )
+    why = database_said(err.__cause__ if err.__cause__ is not None else err)
+    shown = make_url(url).render_as_string(hide_password=True)
+    return StorageError(f"the study's storage {shown} could not be written ({why}); {LOCKED_FIX} the study")
 
 
 def open_storage(url: str, heartbeat_interval: int | None = HEARTBEAT_SECONDS) -> optuna.storages.RDBStorage:
@@ -213,8 +219,10 @@ def open_storage(url: str, heartbeat_interval: int | None = HEARTBEAT_SECONDS) -
             "sqlite:///PATH/study.db or postgresql://USER@HOST/DB"
         ) from None
     except SQLAlchemyError as err:
-        why = " ".join(str(getattr(err, "orig", None) or err).split("\n")[0].split())
+        why = database_said(err)
         fix = "give hydra.sweeper.storage another file or move that one away" if sqlite else "check the URL"
+        if "locked" in why:
+            fix = f"{LOCKED_FIX} the search"
         raise ConfigError(f"the study's storage {shown} cannot be opened ({why}); {fix}") from None
 
 
@@ -249,6 +257,8 @@ def heartbeats(storage: optuna.storages.RDBStorage, study: optuna.Study, trials:
     (Study.optimize does this itself; an ask-and-tell loop must)."""
     import threading
 
+    import optuna
+
     interval = storage.get_heartbeat_interval()
     if interval is None:
         yield
@@ -258,8 +268,11 @@ def heartbeats(storage: optuna.storages.RDBStorage, study: optuna.Study, trials:
 
     def beat() -> None:
         while True:
-            for i in ids:
-                storage.record_heartbeat(i)
+            try:
+                for i in ids:
+                    storage.record_heartbeat(i)
+            except optuna.exceptions.StorageInternalError:  # locked: the next beat tries again, and the search's
+                pass  # own write, which fails the same way, says so in one line
             if stop.wait(interval):
                 return
 
